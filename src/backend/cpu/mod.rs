@@ -1,0 +1,7 @@
+//! The CPU backend: f32 activations, fused 4-bit dequant-GEMV/GEMM kernels that run in
+//! place on the packed weights, dense layers through the `gemm` crate, threads over
+//! output rows (rayon).
+
+pub mod path;
+
+pub use path::KernelPath;

@@ -1,0 +1,4 @@
+//! Compute backends. The CPU backend is always built; the CUDA backend comes with the
+//! `cuda` feature.
+
+pub mod cpu;

@@ -1,0 +1,5 @@
+//! The `hiprune` command-line tool.
+
+fn main() {
+    println!("hiprune {}", hiprune::VERSION);
+}

@@ -1,0 +1,148 @@
+//! The package manifest: what the package holds and how it was made.
+//!
+//! Encoded with postcard (compact, not self-describing). `format_version` is the first
+//! field, so a reader can decode it alone and refuse newer versions with a clear error
+//! before trying to decode the rest.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::MmditConfig;
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Dtype {
+    /// Unsigned byte (packed 4-bit codes, the manifest).
+    U8,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// IEEE single precision.
+    F32,
+}
+
+impl Dtype {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::U8 => 1,
+            Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::F32 => 4,
+        }
+    }
+
+    /// The safetensors spelling (`U8`, `F16`, `BF16`, `F32`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::U8 => "U8",
+            Dtype::F16 => "F16",
+            Dtype::Bf16 => "BF16",
+            Dtype::F32 => "F32",
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Precision {
+    /// Dense f32 `<name>.weight`.
+    F32,
+    /// Dense f16 `<name>.weight`.
+    F16,
+    /// Dense bf16 `<name>.weight`.
+    Bf16,
+    /// INT4: `<name>.qweight` U8 `[N, K/2]`, `<name>.scales` and `<name>.offsets` F16
+    /// `[N, K/group]`.
+    Int4 {
+        /// Group size along K.
+        group: u32,
+    },
+    /// NF4: `<name>.qweight` U8 `[N, K/2]`, `<name>.absmax` F16 `[N, K/block]`.
+    Nf4 {
+        /// Block size along K.
+        block: u32,
+    },
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Precision::F32 => f.write_str("f32"),
+            Precision::F16 => f.write_str("f16"),
+            Precision::Bf16 => f.write_str("bf16"),
+            Precision::Int4 { group } => write!(f, "int4/g{group}"),
+            Precision::Nf4 { block } => write!(f, "nf4/b{block}"),
+        }
+    }
+}
+
+/// One linear layer `y = x W^T + b` with `W [out_features, in_features]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerEntry {
+    /// diffusers name without the `.weight` suffix, with the ORIGINAL block index
+    /// (`transformer_blocks.17.attn.to_q`).
+    pub name: String,
+    /// Storage of the weight.
+    pub precision: Precision,
+    /// N, rows of W.
+    pub out_features: u64,
+    /// K, columns of W.
+    pub in_features: u64,
+    /// Whether `<name>.bias` (`[N]`, dense) is stored.
+    pub has_bias: bool,
+}
+
+/// One stored tensor, as declared by the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// Tensor name in the safetensors header.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// CRC-32 of the tensor's bytes, checked by `Package::verify`.
+    pub crc32: u32,
+}
+
+/// Where a package came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Source checkpoint name (folder or file name).
+    pub source: String,
+    /// Source checkpoint size in bytes.
+    pub source_bytes: u64,
+    /// hiprune version that wrote the package.
+    pub tool_version: String,
+    /// Quantiser used (`rtn-asymmetric`, `rtn-symmetric`, `nf4-rtn`, ...) and its options.
+    pub quantizer: String,
+    /// Human summary of the pruning plan.
+    pub plan_summary: String,
+    /// Per-block sensitivity scores (original block index order), if measured.
+    pub sensitivity: Vec<f32>,
+    /// Per-block distillation weights for an external trainer, if computed.
+    pub distillation_weights: Vec<f32>,
+}
+
+/// Everything a package declares about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Package format version; must stay the first field.
+    pub format_version: u32,
+    /// The model architecture, when the package holds a whole model.
+    pub architecture: Option<MmditConfig>,
+    /// Original indices of the blocks the pruned model runs, in execution order.
+    pub kept_blocks: Vec<u32>,
+    /// Every linear layer and its precision.
+    pub layers: Vec<LayerEntry>,
+    /// Every stored tensor except the manifest itself.
+    pub tensors: Vec<TensorEntry>,
+    /// Where the package came from.
+    pub provenance: Provenance,
+}

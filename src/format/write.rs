@@ -1,0 +1,4 @@
+//! Writing a package atomically. (Being written.)
+
+/// Streams tensors into a new package.
+pub struct PackageWriter {}

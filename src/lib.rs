@@ -1,0 +1,33 @@
+//! # hiprune
+//!
+//! Run position-pruned, INT4-quantised MMDiT diffusion transformers (Stable Diffusion 3 /
+//! 3.5) on edge GPUs and CPUs.
+//!
+//! HierarchicalPrune showed that the early blocks of an MMDiT model set an image's
+//! semantic structure while later blocks only refine texture, so well-chosen later
+//! blocks can be removed and the remaining weights quantised to 4 bits. This crate is
+//! the runtime side of that idea plus the host-side toolchain that produces its
+//! packages:
+//!
+//! - [`quant`]: the 4-bit weight formats (INT4 with per-group scale and offset, NF4 with
+//!   per-block absmax), their quantisers and an `f64` reference used by the tests.
+//! - [`format`]: the `.hpk` package, a safetensors file with a manifest, memory-mapped
+//!   and validated before any tensor is handed out, and written atomically.
+//! - [`backend`]: compute backends; the CPU backend runs fused dequant-GEMV/GEMM kernels
+//!   directly on the package's memory map.
+//! - [`model`]: the MMDiT architecture description.
+//!
+//! Every fallible function returns [`Result`]; the library never panics on bad input.
+
+pub mod backend;
+pub mod error;
+pub mod format;
+pub mod model;
+pub mod quant;
+
+pub use error::{Error, Result};
+pub use format::{Package, PackageWriter};
+pub use quant::{Q4Kind, Q4Matrix, Q4Weights};
+
+/// The crate version, as written in Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
