@@ -2,6 +2,9 @@
 //! place on the packed weights, dense layers through the `gemm` crate, threads over
 //! output rows (rayon).
 
+pub mod linear;
+mod panel;
 pub mod path;
 
+pub use linear::{DenseData, LinearWeights, linear, linear_with_path};
 pub use path::KernelPath;

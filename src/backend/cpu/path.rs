@@ -1,5 +1,7 @@
 //! Runtime choice of the SIMD code path.
 
+use crate::error::{Error, Result};
+
 /// A SIMD code path of the CPU kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KernelPath {
@@ -39,9 +41,15 @@ impl KernelPath {
         paths
     }
 
-    /// The fastest path this CPU can run. `HIPRUNE_CPU_PATH=portable|avx2|avx512|avx512vnni`
-    /// caps it (a path the CPU lacks is ignored).
+    /// The fastest path this CPU can run, detected once per process.
+    /// `HIPRUNE_CPU_PATH=portable|avx2|avx512|avx512vnni` picks another one (a path the
+    /// CPU lacks is ignored).
     pub fn detect() -> KernelPath {
+        static DETECTED: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Self::detect_uncached)
+    }
+
+    fn detect_uncached() -> KernelPath {
         let available = Self::available();
         let best = *available.last().unwrap_or(&KernelPath::Portable);
         match std::env::var("HIPRUNE_CPU_PATH")
@@ -50,6 +58,17 @@ impl KernelPath {
         {
             Some(cap) if available.contains(&cap) => cap,
             _ => best,
+        }
+    }
+
+    /// [`Error::Unsupported`] unless this CPU can run the path.
+    pub fn ensure_available(self) -> Result<()> {
+        if Self::available().contains(&self) {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                what: format!("the {self} kernel path on this CPU"),
+            })
         }
     }
 

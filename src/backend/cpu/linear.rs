@@ -1,0 +1,195 @@
+//! The CPU linear layer `y[M, N] = x[M, K] * W^T (+ bias)` for every weight storage.
+
+use half::{bf16, f16};
+
+use super::KernelPath;
+use super::panel::{self, HalfRows, Q4Rows};
+use crate::error::{Error, Result};
+use crate::quant::Q4Weights;
+
+/// Dense weight data of a matrix `[N, K]`, row-major.
+#[derive(Debug, Clone, Copy)]
+pub enum DenseData<'a> {
+    /// f32 weights.
+    F32(&'a [f32]),
+    /// f16 weights.
+    F16(&'a [f16]),
+    /// bf16 weights.
+    Bf16(&'a [bf16]),
+}
+
+impl DenseData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DenseData::F32(d) => d.len(),
+            DenseData::F16(d) => d.len(),
+            DenseData::Bf16(d) => d.len(),
+        }
+    }
+}
+
+/// A linear layer's weight matrix `W [N, K]`, dense or 4-bit, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum LinearWeights<'a> {
+    /// Dense weights.
+    Dense {
+        /// The data, `N * K` elements.
+        data: DenseData<'a>,
+        /// Output features.
+        n: usize,
+        /// Input features.
+        k: usize,
+    },
+    /// INT4 or NF4 weights.
+    Q4(Q4Weights<'a>),
+}
+
+impl<'a> LinearWeights<'a> {
+    /// Wraps dense weights after checking `data` holds `n * k` elements.
+    pub fn dense(data: DenseData<'a>, n: usize, k: usize) -> Result<Self> {
+        let expected = n
+            .checked_mul(k)
+            .ok_or_else(|| Error::invalid("dense weight shape", format!("{n} x {k} overflows")))?;
+        if n == 0 || k == 0 {
+            return Err(Error::invalid(
+                "dense weight shape",
+                format!("{n} x {k} is empty"),
+            ));
+        }
+        if data.len() != expected {
+            return Err(Error::length("dense weights", expected, data.len()));
+        }
+        Ok(LinearWeights::Dense { data, n, k })
+    }
+
+    /// Output features N.
+    pub fn n(&self) -> usize {
+        match self {
+            LinearWeights::Dense { n, .. } => *n,
+            LinearWeights::Q4(w) => w.n(),
+        }
+    }
+
+    /// Input features K.
+    pub fn k(&self) -> usize {
+        match self {
+            LinearWeights::Dense { k, .. } => *k,
+            LinearWeights::Q4(w) => w.k(),
+        }
+    }
+}
+
+/// Checks the lengths of `x [M, K]`, `bias [N]` and `y [M, N]` against the weights.
+pub(crate) fn check_linear_args(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &[f32],
+) -> Result<()> {
+    let mk = m
+        .checked_mul(k)
+        .ok_or_else(|| Error::invalid("M", "M * K overflows"))?;
+    let mn = m
+        .checked_mul(n)
+        .ok_or_else(|| Error::invalid("M", "M * N overflows"))?;
+    if x.len() != mk {
+        return Err(Error::length("activations x [M, K]", mk, x.len()));
+    }
+    if y.len() != mn {
+        return Err(Error::length("output y [M, N]", mn, y.len()));
+    }
+    if let Some(b) = bias
+        && b.len() != n
+    {
+        return Err(Error::length("bias [N]", n, b.len()));
+    }
+    Ok(())
+}
+
+/// `y[M, N] = x[M, K] * W^T (+ bias)` on the CPU with the current rayon pool's threads
+/// and the fastest SIMD path of this CPU ([`KernelPath::detect`]).
+///
+/// Dense f32 weights go straight to the `gemm` crate; f16/bf16 and 4-bit weights are
+/// decoded panel by panel into cache-resident f32 tiles (never the whole matrix).
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    w: &LinearWeights<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    linear_with_path(KernelPath::detect(), x, m, w, bias, y)
+}
+
+/// [`linear`] on an explicit SIMD path; [`Error::Unsupported`] if this CPU lacks it.
+pub fn linear_with_path(
+    path: KernelPath,
+    x: &[f32],
+    m: usize,
+    w: &LinearWeights<'_>,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    path.ensure_available()?;
+    let (n, k) = (w.n(), w.k());
+    check_linear_args(x, m, n, k, bias, y)?;
+    if m == 0 {
+        return Ok(());
+    }
+    match *w {
+        LinearWeights::Dense {
+            data: DenseData::F32(data),
+            ..
+        } => dense_f32(x, m, data, n, k, bias, y),
+        LinearWeights::Dense {
+            data: DenseData::F16(data),
+            ..
+        } => panel::linear_by_panels(x, m, &HalfRows { data, n, k }, bias, y),
+        LinearWeights::Dense {
+            data: DenseData::Bf16(data),
+            ..
+        } => panel::linear_by_panels(x, m, &HalfRows { data, n, k }, bias, y),
+        LinearWeights::Q4(w) => panel::linear_by_panels(x, m, &Q4Rows { w, path }, bias, y),
+    }
+    Ok(())
+}
+
+/// Dense f32 linear layer through the `gemm` crate (lengths already checked).
+fn dense_f32(
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    panel::init_output(y, n, bias);
+    // SAFETY: x is [M, K], w is [N, K] read as W^T [K, N] through its strides, y is
+    // [M, N]; all lengths were checked by `check_linear_args` and `LinearWeights::dense`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        )
+    }
+}
