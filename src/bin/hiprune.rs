@@ -1,5 +1,0 @@
-//! The `hiprune` command-line tool.
-
-fn main() {
-    println!("hiprune {}", hiprune::VERSION);
-}

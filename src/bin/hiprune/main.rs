@@ -1,0 +1,68 @@
+//! The `hiprune` command-line tool.
+
+mod bench;
+mod demo;
+mod inspect;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Position-pruned, 4-bit MMDiT diffusion transformers for edge GPUs and CPUs.
+#[derive(Parser)]
+#[command(name = "hiprune", version, about, long_about = None)]
+struct Cli {
+    /// Log more (-v info, -vv debug); `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what a .hpk package holds: architecture, kept blocks, per-layer precision,
+    /// sizes and the reduction against the dense f16 equivalent.
+    Inspect {
+        /// The package.
+        package: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also verify every tensor's checksum.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Quantise a generated SD3.5-shaped layer to INT4 and NF4, package it, load the
+    /// package and run it against the dense original.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let result = match cli.command {
+        Command::Inspect { package, json, verify } => inspect::run(&package, json, verify),
+        Command::Bench { what } => bench::run(what),
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
