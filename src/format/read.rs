@@ -614,14 +614,18 @@ fn check_tensors(
                 ),
             )
         })?;
-        let size = t
-            .shape
-            .iter()
-            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| Error::SizeOverflow {
-                tensor: name.clone(),
-                shape: t.shape.clone(),
-            })?;
+        // A zero dimension makes an empty tensor whatever the other dimensions are.
+        let size = if t.shape.contains(&0) {
+            Some(0)
+        } else {
+            t.shape
+                .iter()
+                .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+        };
+        let size = size.ok_or_else(|| Error::SizeOverflow {
+            tensor: name.clone(),
+            shape: t.shape.clone(),
+        })?;
         let [begin, end] = t.data_offsets;
         if begin > end || end > data_len {
             return Err(Error::TensorOutOfBounds {

@@ -187,10 +187,14 @@ impl PackageWriter {
             tensor: name.to_string(),
             shape: shape.iter().map(|&d| d as u64).collect(),
         };
-        let expected = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(overflow)?;
+        let expected = if shape.contains(&0) {
+            Some(0)
+        } else {
+            shape
+                .iter()
+                .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        };
+        let expected = expected.ok_or_else(overflow)?;
         if len != expected {
             return Err(Error::length(
                 format!("bytes of tensor `{name}` ({dtype} {shape:?})"),
