@@ -709,7 +709,9 @@ fn decode_manifest(
             supported: FORMAT_VERSION,
         });
     }
-    let recorded = &metadata[MANIFEST_CRC_KEY];
+    let recorded = metadata
+        .get(MANIFEST_CRC_KEY)
+        .ok_or_else(|| not_a_package(path, format!("metadata has no `{MANIFEST_CRC_KEY}` key")))?;
     let recorded = u32::from_str_radix(recorded, 16).map_err(|_| {
         not_a_package(
             path,
