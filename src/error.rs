@@ -168,6 +168,13 @@ pub enum Error {
         tensor: String,
     },
 
+    /// A layer the caller asked for is not declared in the package's manifest.
+    #[error("layer `{layer}` is not in the package")]
+    MissingLayer {
+        /// The layer.
+        layer: String,
+    },
+
     /// A tensor's data is not aligned for zero-copy access to its element type.
     #[error("tensor `{tensor}`: data is not {align}-byte aligned, it cannot be viewed in place")]
     Misaligned {

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::MmditConfig;
+use crate::quant::Q4Kind;
 
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -39,6 +40,22 @@ impl Dtype {
             Dtype::Bf16 => "BF16",
             Dtype::F32 => "F32",
         }
+    }
+
+    /// Parses the safetensors spelling; `None` for dtypes a package never stores.
+    pub fn from_name(name: &str) -> Option<Dtype> {
+        match name {
+            "U8" => Some(Dtype::U8),
+            "F16" => Some(Dtype::F16),
+            "BF16" => Some(Dtype::Bf16),
+            "F32" => Some(Dtype::F32),
+            _ => None,
+        }
+    }
+
+    /// Whether the dtype is a floating-point type (allowed for biases).
+    pub fn is_float(self) -> bool {
+        !matches!(self, Dtype::U8)
     }
 }
 
@@ -82,6 +99,27 @@ impl std::fmt::Display for Precision {
     }
 }
 
+impl Precision {
+    /// The 4-bit kind and group (block) size of a quantised layer; `None` for dense ones.
+    pub fn q4(self) -> Option<(Q4Kind, usize)> {
+        match self {
+            Precision::Int4 { group } => Some((Q4Kind::Int4, group as usize)),
+            Precision::Nf4 { block } => Some((Q4Kind::Nf4, block as usize)),
+            Precision::F32 | Precision::F16 | Precision::Bf16 => None,
+        }
+    }
+
+    /// The dtype of `<name>.weight` for a dense layer; `None` for 4-bit ones.
+    pub fn dense_dtype(self) -> Option<Dtype> {
+        match self {
+            Precision::F32 => Some(Dtype::F32),
+            Precision::F16 => Some(Dtype::F16),
+            Precision::Bf16 => Some(Dtype::Bf16),
+            Precision::Int4 { .. } | Precision::Nf4 { .. } => None,
+        }
+    }
+}
+
 /// One linear layer `y = x W^T + b` with `W [out_features, in_features]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerEntry {
@@ -96,6 +134,28 @@ pub struct LayerEntry {
     pub in_features: u64,
     /// Whether `<name>.bias` (`[N]`, dense) is stored.
     pub has_bias: bool,
+}
+
+impl LayerEntry {
+    /// Names of the tensors this layer stores: the weight parts (`.weight`, or
+    /// `.qweight` + `.scales` + `.offsets` for INT4, `.qweight` + `.absmax` for NF4),
+    /// then `.bias` when present.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let name = &self.name;
+        let mut names = match self.precision {
+            Precision::Int4 { .. } => vec![
+                format!("{name}.qweight"),
+                format!("{name}.scales"),
+                format!("{name}.offsets"),
+            ],
+            Precision::Nf4 { .. } => vec![format!("{name}.qweight"), format!("{name}.absmax")],
+            Precision::F32 | Precision::F16 | Precision::Bf16 => vec![format!("{name}.weight")],
+        };
+        if self.has_bias {
+            names.push(format!("{name}.bias"));
+        }
+        names
+    }
 }
 
 /// One stored tensor, as declared by the manifest.
@@ -143,6 +203,18 @@ pub struct Manifest {
     pub layers: Vec<LayerEntry>,
     /// Every stored tensor except the manifest itself.
     pub tensors: Vec<TensorEntry>,
+    /// Where the package came from.
+    pub provenance: Provenance,
+}
+
+/// The parts of a [`Manifest`] a package writer takes from its caller; the writer adds
+/// `format_version` and the `layers` and `tensors` it recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackageInfo {
+    /// The model architecture, when the package holds a whole model.
+    pub architecture: Option<MmditConfig>,
+    /// Original indices of the blocks the pruned model runs, in execution order.
+    pub kept_blocks: Vec<u32>,
     /// Where the package came from.
     pub provenance: Provenance,
 }

@@ -9,7 +9,7 @@ pub mod manifest;
 pub mod read;
 pub mod write;
 
-pub use manifest::{Dtype, LayerEntry, Manifest, Precision, Provenance, TensorEntry};
+pub use manifest::{Dtype, LayerEntry, Manifest, PackageInfo, Precision, Provenance, TensorEntry};
 pub use read::{Package, TensorView};
 pub use write::PackageWriter;
 
@@ -19,3 +19,11 @@ pub const MANIFEST_TENSOR: &str = "__manifest__";
 pub const FORMAT_VERSION: u32 = 1;
 /// Value of the `format` key in the safetensors header metadata.
 pub const FORMAT_NAME: &str = "hiprune";
+/// Header metadata key holding the CRC-32 of the manifest bytes (8 lowercase hex digits).
+pub const MANIFEST_CRC_KEY: &str = "manifest_crc32";
+/// Largest accepted JSON header, in bytes (the safetensors crate's own cap, so every
+/// package stays readable by it).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Most tensors (the manifest included) a package may declare. A whole SD3.5 Large
+/// model stores a few thousand.
+pub const MAX_TENSORS: usize = 65_536;
