@@ -13,9 +13,10 @@
 //!
 //! The scale and offset are rounded to f16 *before* the codes are chosen, and the codes
 //! are chosen with the rounded values, so the dequantised weights are the ones the
-//! quantiser optimised. A group whose range collapses (a constant group, or a range
-//! below the smallest f16 step) gets `scale = 0` and every code `0`, so it dequantises
-//! to `offset` exactly.
+//! quantiser optimised. A group whose range, measured from the rounded offset, is zero
+//! or below the smallest f16 step gets `scale = 0` and every code `0`, so it
+//! dequantises to `offset`; a constant group thus comes back as its f16-rounded value
+//! or closer (exactly when the value is an f16).
 //!
 //! With [`Int4Options::clip_search`] each group also tries narrower ranges and keeps
 //! the one with the smallest squared dequantisation error (measured with the f16
