@@ -49,7 +49,11 @@ fn sample(rng: &mut StdRng, dist: Dist, len: usize) -> Vec<f32> {
                     Dist::HeavyTailed => normal(rng) / rng.random_range(0.15f32..1.0),
                     Dist::Outliers => {
                         let v = normal(rng);
-                        if rng.random_range(0..100) < 3 { v * 12.0 } else { v }
+                        if rng.random_range(0..100) < 3 {
+                            v * 12.0
+                        } else {
+                            v
+                        }
                     }
                     Dist::Shifted => 3.0 + rng.random_range(0.0f32..1.0),
                 }
@@ -121,7 +125,13 @@ fn int4_row_function_matches_matrix() {
 #[test]
 fn int4_asymmetric_error_bound() {
     let mut rng = StdRng::seed_from_u64(1);
-    let dists = [Dist::Uniform, Dist::Normal, Dist::HeavyTailed, Dist::Outliers, Dist::Shifted];
+    let dists = [
+        Dist::Uniform,
+        Dist::Normal,
+        Dist::HeavyTailed,
+        Dist::Outliers,
+        Dist::Shifted,
+    ];
     for &g in &GROUPS {
         for &dist in &dists {
             let n = rng.random_range(1..7usize);
@@ -201,7 +211,13 @@ fn int4_symmetric_uses_negative_level() {
 /// seeds and distributions, and does strictly better on heavy-tailed data.
 #[test]
 fn int4_clip_search_never_worse_and_helps_outliers() {
-    let dists = [Dist::Uniform, Dist::Normal, Dist::HeavyTailed, Dist::Outliers, Dist::Shifted];
+    let dists = [
+        Dist::Uniform,
+        Dist::Normal,
+        Dist::HeavyTailed,
+        Dist::Outliers,
+        Dist::Shifted,
+    ];
     let mut strictly_better = 0;
     for seed in 0..4u64 {
         let mut rng = StdRng::seed_from_u64(100 + seed);
@@ -249,7 +265,10 @@ fn int4_clip_search_strictly_better_on_outlier_group() {
         let (ep, ec) = (sq_err(&w, &deq(&plain)), sq_err(&w, &deq(&clip)));
         // Asymmetric may clip the two ends separately, so it gains much more here.
         let factor = if sym { 1.0 } else { 0.9 };
-        assert!(ec < ep * factor, "sym={sym}: clip {ec} not below {factor} * RTN {ep}");
+        assert!(
+            ec < ep * factor,
+            "sym={sym}: clip {ec} not below {factor} * RTN {ep}"
+        );
     }
 }
 
@@ -267,7 +286,11 @@ fn int4_odd_shapes() {
                 assert_eq!(m.scales.len(), n * groups);
                 assert_eq!(m.offsets.len(), n * groups);
                 let d = deq(&m);
-                let max_s = m.scales.iter().map(|s| f64::from(s.to_f32())).fold(0.0, f64::max);
+                let max_s = m
+                    .scales
+                    .iter()
+                    .map(|s| f64::from(s.to_f32()))
+                    .fold(0.0, f64::max);
                 for (a, b) in w.iter().zip(&d) {
                     assert!((f64::from(*a) - b).abs() <= max_s * 0.51 + 1e-6);
                 }
@@ -278,7 +301,11 @@ fn int4_odd_shapes() {
     let w = vec![0.5f32; 32];
     assert!(matches!(
         quantize_int4(&w, 1, 32, &opts(64, false, false)),
-        Err(Error::GroupDoesNotDivide { k: 32, group: 64, .. })
+        Err(Error::GroupDoesNotDivide {
+            k: 32,
+            group: 64,
+            ..
+        })
     ));
 }
 
@@ -322,7 +349,11 @@ fn int4_error_cases() {
     // K not a multiple of G.
     assert!(matches!(
         quantize_int4(&w, 2, 96, &opts(64, false, false)),
-        Err(Error::GroupDoesNotDivide { k: 96, group: 64, .. })
+        Err(Error::GroupDoesNotDivide {
+            k: 96,
+            group: 64,
+            ..
+        })
     ));
     // Invalid G.
     for g in [0usize, 16, 48, 256] {
@@ -348,7 +379,10 @@ fn int4_error_cases() {
             match quantize_int4(&w, 3, 64, &opts(32, false, clip)) {
                 Err(Error::InvalidArgument { what, reason }) => {
                     assert_eq!(what, "weights");
-                    assert!(reason.contains("row 2") && reason.contains("column 37"), "{reason}");
+                    assert!(
+                        reason.contains("row 2") && reason.contains("column 37"),
+                        "{reason}"
+                    );
                 }
                 other => panic!("expected InvalidArgument, got {other:?}"),
             }

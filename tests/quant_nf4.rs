@@ -16,7 +16,11 @@ fn deq(m: &Q4Matrix) -> Vec<f64> {
 
 fn code_at(m: &Q4Matrix, r: usize, c: usize) -> u8 {
     let byte = m.packed[r * m.k / 2 + c / 2];
-    if c % 2 == 0 { byte & 0x0f } else { byte >> 4 }
+    if c.is_multiple_of(2) {
+        byte & 0x0f
+    } else {
+        byte >> 4
+    }
 }
 
 fn sample(rng: &mut StdRng, len: usize, heavy: bool) -> Vec<f32> {
@@ -150,7 +154,10 @@ fn nf4_constant_rows() {
     let m = quantize_nf4(&[0.0f32; 64], 1, 64, 32).unwrap();
     assert!(m.scales.iter().all(|s| s.to_f32() == 0.0));
     assert!(deq(&m).iter().all(|x| *x == 0.0));
-    assert!(m.packed.iter().all(|&b| b == 0x77), "zero codes are level 0.0");
+    assert!(
+        m.packed.iter().all(|&b| b == 0x77),
+        "zero codes are level 0.0"
+    );
     for v in [1.5f32, -0.3, 1000.1] {
         let m = quantize_nf4(&[v; 128], 1, 128, 64).unwrap();
         let v16 = f64::from(f16::from_f32(v.abs()).to_f32()) * f64::from(v.signum());
@@ -163,7 +170,11 @@ fn nf4_error_cases() {
     let w = vec![0.0f32; 96];
     assert!(matches!(
         quantize_nf4(&w, 1, 96, 64),
-        Err(Error::GroupDoesNotDivide { k: 96, group: 64, .. })
+        Err(Error::GroupDoesNotDivide {
+            k: 96,
+            group: 64,
+            ..
+        })
     ));
     for b in [0usize, 16, 256] {
         assert!(matches!(
@@ -185,7 +196,10 @@ fn nf4_error_cases() {
         match quantize_nf4(&w, 2, 64, 64) {
             Err(Error::InvalidArgument { what, reason }) => {
                 assert_eq!(what, "weights");
-                assert!(reason.contains("row 1") && reason.contains("column 11"), "{reason}");
+                assert!(
+                    reason.contains("row 1") && reason.contains("column 11"),
+                    "{reason}"
+                );
             }
             other => panic!("expected InvalidArgument, got {other:?}"),
         }

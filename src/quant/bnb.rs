@@ -82,7 +82,7 @@ fn expect_count(view: &TensorView<'_>, name: &str, count: usize) -> Result<()> {
     if found != count {
         return Err(Error::length(format!("tensor `{name}`"), count, found));
     }
-    let bytes = count.checked_mul(view.dtype().bitsize() / 8).unwrap_or(usize::MAX);
+    let bytes = count.saturating_mul(view.dtype().bitsize() / 8);
     if view.data().len() != bytes {
         return Err(Error::ByteLengthMismatch {
             tensor: name.to_string(),
@@ -192,7 +192,9 @@ fn read_absmax(
                 format!("double-quantised absmax needs `{what}`"),
             )
         };
-        let nested_block = state.nested_blocksize.ok_or_else(|| field("nested_blocksize"))?;
+        let nested_block = state
+            .nested_blocksize
+            .ok_or_else(|| field("nested_blocksize"))?;
         let offset = state.nested_offset.ok_or_else(|| field("nested_offset"))?;
         if nested_block == 0 {
             return Err(Error::invalid(
@@ -266,7 +268,7 @@ pub fn import_bnb_nf4(st: &SafeTensors<'_>, weight_name: &str) -> Result<Q4Matri
             allowed: BNB_BLOCK_SIZES,
         });
     }
-    if k % block != 0 {
+    if !k.is_multiple_of(block) {
         return Err(Error::GroupDoesNotDivide {
             layer: weight_name.to_string(),
             k,

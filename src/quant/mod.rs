@@ -114,7 +114,7 @@ pub fn check_q4_dims(kind: Q4Kind, layer: &str, k: usize, group: usize) -> Resul
             allowed: kind.allowed_groups(),
         });
     }
-    if k == 0 || k % group != 0 {
+    if k == 0 || !k.is_multiple_of(group) {
         return Err(Error::GroupDoesNotDivide {
             layer: layer.to_string(),
             k,

@@ -41,8 +41,8 @@ pub const ASYM_CLIP_FRACTIONS: [f32; 9] = [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3,
 /// Factors by which the symmetric clip search shrinks the scale. `1.0` first, so plain
 /// RTN wins ties.
 pub const SYM_CLIP_FACTORS: [f32; 21] = [
-    1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.725, 0.7, 0.675,
-    0.65, 0.625, 0.6, 0.575, 0.55, 0.525, 0.5,
+    1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8, 0.775, 0.75, 0.725, 0.7, 0.675, 0.65,
+    0.625, 0.6, 0.575, 0.55, 0.525, 0.5,
 ];
 
 /// Settings of the INT4 quantiser.
