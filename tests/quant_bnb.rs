@@ -221,7 +221,7 @@ fn edit_json(
 
 #[test]
 fn bnb_unedited_round_trip_imports() {
-    // The editing helpers themselves preserve a valid layer.
+    // Rebuilding a layer without edits keeps it valid.
     assert!(import_edited(TO_Q, |_| {}).is_ok());
     assert!(import_edited(TO_K, |_| {}).is_ok());
 }
