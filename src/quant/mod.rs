@@ -15,7 +15,14 @@
 //! Bytes per weight: `0.5 + 2/G` (NF4) or `0.5 + 4/G` (INT4); for `G = 64` INT4 is
 //! 0.5625 bytes, 3.56x smaller than f16.
 
+pub mod bnb;
+pub mod nf4;
 pub mod reference;
+pub mod rtn;
+
+pub use bnb::import_bnb_nf4;
+pub use nf4::{NF4_DEFAULT_BLOCK, quantize_nf4, quantize_nf4_row};
+pub use rtn::{Int4Options, quantize_int4, quantize_int4_row};
 
 use half::f16;
 
