@@ -2,6 +2,10 @@
 //! place on the packed weights, dense layers through the `gemm` crate, threads over
 //! output rows (rayon).
 
+pub mod gemv;
+pub mod membw;
 pub mod path;
+#[cfg(target_arch = "x86_64")]
+pub mod simd_x86;
 
 pub use path::KernelPath;
