@@ -39,8 +39,11 @@ const MIN_TASK_WEIGHTS: usize = 1 << 16;
 pub(crate) struct GemvTask<'a> {
     /// The weights.
     pub w: Q4Weights<'a>,
-    /// `x` in nibble order, `[M, K]`.
+    /// `x` in the kernel's nibble order, `[M, xstride]`.
     pub xp: &'a [f32],
+    /// Row stride of `xp`: `K`, or `K` rounded up to 128 (zero-padded) for the 128-element
+    /// layout of the AVX-512 kernel.
+    pub xstride: usize,
     /// Per-group sums of `x`, `[M, gstride]`, zero-padded (INT4 only; empty for NF4).
     pub gsum: &'a [f32],
     /// Row stride of `gsum`: groups per row rounded up to [`GROUP_PAD`].
@@ -93,10 +96,17 @@ pub fn gemv_q4(
         return Ok(());
     }
 
-    let (xp, gsum, gstride) = prepare_x(x, m, w);
+    let layout128 = matches!(path, KernelPath::Avx512 | KernelPath::Avx512Vnni);
+    let (xp, xstride) = if layout128 {
+        permute_x_128(x, m, k)
+    } else {
+        (permute_x_32(x), k)
+    };
+    let (gsum, gstride) = group_sums(x, m, w);
     let task = GemvTask {
         w: *w,
         xp: &xp,
+        xstride,
         gsum: &gsum,
         gstride,
         m,
@@ -135,13 +145,9 @@ pub fn gemv_q4(
     Ok(())
 }
 
-/// Copies `x` into nibble order and, for INT4, computes its per-group sums.
-fn prepare_x(x: &[f32], m: usize, w: &Q4Weights<'_>) -> (Vec<f32>, Vec<f32>, usize) {
-    let k = w.k();
-    let group = w.group();
-    let gpr = w.groups_per_row();
-    let gstride = gpr.div_ceil(GROUP_PAD) * GROUP_PAD;
-    let mut xp = vec![0.0f32; m * k];
+/// The 32-element nibble order: in every chunk of 32, the even positions, then the odd.
+fn permute_x_32(x: &[f32]) -> Vec<f32> {
+    let mut xp = vec![0.0f32; x.len()];
     for (src, dst) in x.chunks_exact(CHUNK).zip(xp.chunks_exact_mut(CHUNK)) {
         let (even, odd) = dst.split_at_mut(CHUNK / 2);
         for (j, pair) in src.chunks_exact(2).enumerate() {
@@ -149,18 +155,41 @@ fn prepare_x(x: &[f32], m: usize, w: &Q4Weights<'_>) -> (Vec<f32>, Vec<f32>, usi
             odd[j] = pair[1];
         }
     }
-    let gsum = if w.kind().has_offsets() {
-        let mut gsum = vec![0.0f32; m * gstride];
-        for (xrow, grow) in x.chunks_exact(k).zip(gsum.chunks_exact_mut(gstride)) {
-            for (xg, s) in xrow.chunks_exact(group).zip(grow.iter_mut()) {
-                *s = sum_lanes(xg);
+    xp
+}
+
+/// The 128-element nibble order of the AVX-512 kernel: element `j * 16 + l` of a chunk
+/// is `x[8l + j]` of it; rows are zero-padded to a multiple of 128. Returns the rows
+/// and their stride.
+fn permute_x_128(x: &[f32], m: usize, k: usize) -> (Vec<f32>, usize) {
+    const C: usize = 128;
+    let stride = k.div_ceil(C) * C;
+    let mut xp = vec![0.0f32; m * stride];
+    for (src_row, dst_row) in x.chunks_exact(k).zip(xp.chunks_exact_mut(stride)) {
+        for (src, dst) in src_row.chunks(C).zip(dst_row.chunks_exact_mut(C)) {
+            for (t, &v) in src.iter().enumerate() {
+                dst[(t % 8) * 16 + t / 8] = v;
             }
         }
-        gsum
-    } else {
-        Vec::new()
-    };
-    (xp, gsum, gstride)
+    }
+    (xp, stride)
+}
+
+/// Per-group sums of each row of `x` (INT4 only, empty for NF4), rows zero-padded to a
+/// multiple of [`GROUP_PAD`] groups. Returns the sums and their row stride.
+fn group_sums(x: &[f32], m: usize, w: &Q4Weights<'_>) -> (Vec<f32>, usize) {
+    let (k, group) = (w.k(), w.group());
+    let gstride = w.groups_per_row().div_ceil(GROUP_PAD) * GROUP_PAD;
+    if !w.kind().has_offsets() {
+        return (Vec::new(), gstride);
+    }
+    let mut gsum = vec![0.0f32; m * gstride];
+    for (xrow, grow) in x.chunks_exact(k).zip(gsum.chunks_exact_mut(gstride)) {
+        for (xg, s) in xrow.chunks_exact(group).zip(grow.iter_mut()) {
+            *s = sum_lanes(xg);
+        }
+    }
+    (gsum, gstride)
 }
 
 /// Sum of a slice whose length is a multiple of 32, in 16 independent lanes.

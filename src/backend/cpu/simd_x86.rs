@@ -29,16 +29,27 @@ macro_rules! dispatch_tile {
     };
 }
 
+/// Weights covered by one AVX-512 chunk: 64 packed bytes, one per nibble of each of 16
+/// 32-bit lanes.
+pub(crate) const CHUNK512: usize = 128;
+
 /// AVX-512 kernel: output rows `n0 .. n0 + out.len() / M` into `out[r * M + i]`.
+///
+/// It reads 64 packed bytes at a time as 16 dwords; lane `l` holds the codes of
+/// `k = 8l .. 8l + 8` of the chunk, and nibble `j` of every lane is isolated with a
+/// shift (no shuffles). `x` must therefore be in the matching order
+/// ([`super::gemv`]'s 128-element layout: element `j * 16 + l` of a chunk is
+/// `x[8l + j]`), and since a group (32, 64 or 128) is a whole number of lanes, each
+/// lane gets its group's scale through one permute per chunk.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and DQ. `task` must describe consistent
-/// buffers (as built by `gemv_q4`) and `n0 + out.len() / M <= N`.
+/// buffers in the 128-element layout (as built by `gemv_q4`) and
+/// `n0 + out.len() / M <= N`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub(crate) unsafe fn gemv_rows_avx512(task: &GemvTask<'_>, n0: usize, out: &mut [f32]) {
     let m = task.m;
     let rows = out.len() / m;
-    let cpg = task.w.group() / CHUNK;
     // SAFETY: the codebook is 16 f32, exactly one unaligned 512-bit load.
     let table = unsafe { _mm512_loadu_ps(task.w.kind().codebook().as_ptr()) };
     let mut nb = 0;
@@ -49,9 +60,17 @@ pub(crate) unsafe fn gemv_rows_avx512(task: &GemvTask<'_>, n0: usize, out: &mut 
             let mt = (m - i0).min(M_TILE);
             for r in nb..nb_end {
                 let dst = &mut out[r * m + i0..r * m + i0 + mt];
-                // SAFETY: features as required by this function; `n0 + r < N` and
+                let n = n0 + r;
+                // SAFETY: features as required by this function; `n < N` and
                 // `i0 + mt <= M` by the loop bounds and the caller's contract.
-                unsafe { dispatch_tile!(avx512_row, [], mt, cpg, task, table, n0 + r, i0, dst) }
+                unsafe {
+                    match mt {
+                        1 => avx512_row::<1>(task, table, n, i0, dst),
+                        2 => avx512_row::<2>(task, table, n, i0, dst),
+                        3 => avx512_row::<3>(task, table, n, i0, dst),
+                        _ => avx512_row::<4>(task, table, n, i0, dst),
+                    }
+                }
             }
             i0 += mt;
         }
@@ -59,14 +78,24 @@ pub(crate) unsafe fn gemv_rows_avx512(task: &GemvTask<'_>, n0: usize, out: &mut 
     }
 }
 
-/// One output row `n` for the `MT` rows of `x` starting at `i0`; `CPG` chunks per group.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/DQ available; `n < N`, `i0 + MT <= M`, `dst.len() == MT`,
-/// `group == CPG * 32`.
+/// Decodes nibble `J` of every lane of `v` through the codebook (`table`, 16 floats;
+/// the INT4 codebook is `0..=15`, so one permute serves both kinds and is cheaper than
+/// mask + convert).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
-unsafe fn avx512_row<const MT: usize, const CPG: usize>(
+fn decode16<const J: u32>(v: __m512i, table: __m512) -> __m512 {
+    // `permutexvar` reads only the low 4 bits of each index lane.
+    _mm512_permutexvar_ps(_mm512_srli_epi32::<J>(v), table)
+}
+
+/// One output row `n` for the `MT` rows of `x` starting at `i0`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/DQ available; `n < N`, `i0 + MT <= M`, `dst.len() == MT`, `x` in
+/// the 128-element layout with row stride `task.xstride >= K` rounded up to 128.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+#[inline]
+unsafe fn avx512_row<const MT: usize>(
     task: &GemvTask<'_>,
     table: __m512,
     n: usize,
@@ -75,29 +104,45 @@ unsafe fn avx512_row<const MT: usize, const CPG: usize>(
 ) {
     let w = &task.w;
     let k = w.k();
+    let group = w.group();
     let gpr = w.groups_per_row();
-    debug_assert_eq!(w.group(), CPG * CHUNK);
+    let xs = task.xstride;
     debug_assert!(i0 + MT <= task.m && dst.len() == MT);
+    debug_assert!(xs >= k.div_ceil(CHUNK512) * CHUNK512);
     let packed = w.packed_row(n).as_ptr();
     let scales = w.scales_row(n).as_ptr().cast::<i16>();
     let offsets = w.offsets_row(n);
-    let xp = task.xp[i0 * k..(i0 + MT) * k].as_ptr();
+    let xp = task.xp[i0 * xs..(i0 + MT) * xs].as_ptr();
+    let nchunks = k.div_ceil(CHUNK512);
+    // Dwords of packed codes in the last chunk (all 16 unless K % 128 != 0).
+    let tail_lanes = (k - (nchunks - 1) * CHUNK512) / 8;
+    let tail_mask: __mmask16 = if tail_lanes == 16 {
+        0xffff
+    } else {
+        (1u16 << tail_lanes) - 1
+    };
+    // Lane `l` of a chunk belongs to group `8l / G` of it; a chunk spans `128 / G` groups.
+    let lane_group = _mm512_srlv_epi32(
+        _mm512_setr_epi32(
+            0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120,
+        ),
+        _mm512_set1_epi32(group.trailing_zeros() as i32),
+    );
+    let groups_per_chunk = (CHUNK512 / group) as i32;
+    let chunks_per_block = 16 * group / CHUNK512;
     let mut total = [_mm512_setzero_ps(); MT];
     let mut offacc = [_mm512_setzero_ps(); MT];
-    let mut sbuf = [0.0f32; 16];
     let mut g0 = 0;
-    // SAFETY: every pointer below stays inside its row: `packed` is K/2 bytes and each
-    // chunk reads 16 of them at byte `kk / 2` with `kk + 32 <= K`; `xp` holds MT rows of
-    // K floats and each load reads 16 at `i * K + kk (+16)`; scale and offset loads are
-    // masked to the `gl` groups left in the row (masked-out lanes are not accessed);
-    // `gsum` rows are padded with zeros to a multiple of 16 groups and `g0` is a
-    // multiple of 16, so the 16-float load at `g0` stays inside row `i0 + i`.
+    // SAFETY: loads stay inside their rows: scale and offset loads are masked to the
+    // `gl` groups left in the row (masked-out lanes are not accessed); `gsum` rows are
+    // zero-padded to a multiple of 16 groups and `g0` is a multiple of 16; chunk `c`
+    // reads packed bytes `64c ..` masked to the row's K/2 bytes, and x floats
+    // `i * xs + 128c .. + 128` with `128 (c + 1) <= xs`.
     unsafe {
         while g0 < gpr {
             let gl = (gpr - g0).min(16);
             let mask: __mmask16 = if gl == 16 { 0xffff } else { (1u16 << gl) - 1 };
             let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales.add(g0)));
-            _mm512_storeu_ps(sbuf.as_mut_ptr(), sv);
             if !offsets.is_empty() {
                 let ov = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
                     mask,
@@ -108,25 +153,33 @@ unsafe fn avx512_row<const MT: usize, const CPG: usize>(
                     *oa = _mm512_fmadd_ps(ov, _mm512_loadu_ps(gs), *oa);
                 }
             }
-            for (gi, &s) in sbuf.iter().enumerate().take(gl) {
-                let g = g0 + gi;
-                let mut acc = [_mm512_setzero_ps(); MT];
-                for c in 0..CPG {
-                    let kk = (g * CPG + c) * CHUNK;
-                    let v =
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128(packed.add(kk / 2).cast::<__m128i>()));
-                    // `permutexvar` reads the low 4 bits of each lane: the low nibble.
-                    let lo = _mm512_permutexvar_ps(v, table);
-                    let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let xr = xp.add(i * k + kk);
-                        *a = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), *a);
-                        *a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr.add(16)), *a);
-                    }
-                }
-                let sv = _mm512_set1_ps(s);
-                for (t, a) in total.iter_mut().zip(acc) {
-                    *t = _mm512_fmadd_ps(sv, a, *t);
+            let c0 = g0 * group / CHUNK512;
+            let c1 = (c0 + chunks_per_block).min(nchunks);
+            let mut idx = lane_group;
+            for c in c0..c1 {
+                let lmask = if c + 1 == nchunks { tail_mask } else { 0xffff };
+                let v = _mm512_maskz_loadu_epi32(lmask, packed.add(c * 64).cast::<i32>());
+                let svec = _mm512_permutexvar_ps(idx, sv);
+                idx = _mm512_add_epi32(idx, _mm512_set1_epi32(groups_per_chunk));
+                let d0 = decode16::<0>(v, table);
+                let d1 = decode16::<4>(v, table);
+                let d2 = decode16::<8>(v, table);
+                let d3 = decode16::<12>(v, table);
+                let d4 = decode16::<16>(v, table);
+                let d5 = decode16::<20>(v, table);
+                let d6 = decode16::<24>(v, table);
+                let d7 = decode16::<28>(v, table);
+                for (i, t) in total.iter_mut().enumerate() {
+                    let xr = xp.add(i * xs + c * CHUNK512);
+                    let mut a = _mm512_mul_ps(d0, _mm512_loadu_ps(xr));
+                    let mut b = _mm512_mul_ps(d1, _mm512_loadu_ps(xr.add(16)));
+                    a = _mm512_fmadd_ps(d2, _mm512_loadu_ps(xr.add(32)), a);
+                    b = _mm512_fmadd_ps(d3, _mm512_loadu_ps(xr.add(48)), b);
+                    a = _mm512_fmadd_ps(d4, _mm512_loadu_ps(xr.add(64)), a);
+                    b = _mm512_fmadd_ps(d5, _mm512_loadu_ps(xr.add(80)), b);
+                    a = _mm512_fmadd_ps(d6, _mm512_loadu_ps(xr.add(96)), a);
+                    b = _mm512_fmadd_ps(d7, _mm512_loadu_ps(xr.add(112)), b);
+                    *t = _mm512_fmadd_ps(svec, _mm512_add_ps(a, b), *t);
                 }
             }
             g0 += gl;
@@ -260,7 +313,7 @@ unsafe fn avx2_row<const MT: usize, const CPG: usize, const NF4: bool>(
     let scales = w.scales_row(n).as_ptr().cast::<u16>();
     let offsets = w.offsets_row(n);
     let xp = task.xp[i0 * k..(i0 + MT) * k].as_ptr();
-    let mut total = [_mm256_setzero_ps(); MT];
+    let mut totals = [[_mm256_setzero_ps(); MT]; 2];
     let mut offacc = [_mm256_setzero_ps(); MT];
     let mut sbuf = [0.0f32; 8];
     let mut g0 = 0;
@@ -282,6 +335,8 @@ unsafe fn avx2_row<const MT: usize, const CPG: usize, const NF4: bool>(
             }
             for (gi, &s) in sbuf.iter().enumerate().take(gl) {
                 let g = g0 + gi;
+                // Alternate two totals so consecutive groups do not wait on each other.
+                let total = &mut totals[gi & 1];
                 let mut acc = [_mm256_setzero_ps(); MT];
                 for c in 0..CPG {
                     let kk = (g * CPG + c) * CHUNK;
@@ -310,7 +365,8 @@ unsafe fn avx2_row<const MT: usize, const CPG: usize, const NF4: bool>(
     }
     let bias = task.bias.map_or(0.0, |b| b[n]);
     for i in 0..MT {
-        dst[i] = hsum256(_mm256_add_ps(total[i], offacc[i])) + bias;
+        let t = _mm256_add_ps(totals[0][i], totals[1][i]);
+        dst[i] = hsum256(_mm256_add_ps(t, offacc[i])) + bias;
     }
 }
 
