@@ -36,11 +36,13 @@ pub(crate) const CHUNK512: usize = 128;
 /// AVX-512 kernel: output rows `n0 .. n0 + out.len() / M` into `out[r * M + i]`.
 ///
 /// It reads 64 packed bytes at a time as 16 dwords; lane `l` holds the codes of
-/// `k = 8l .. 8l + 8` of the chunk, and nibble `j` of every lane is isolated with a
-/// shift (no shuffles). `x` must therefore be in the matching order
-/// ([`super::gemv`]'s 128-element layout: element `j * 16 + l` of a chunk is
-/// `x[8l + j]`), and since a group (32, 64 or 128) is a whole number of lanes, each
-/// lane gets its group's scale through one permute per chunk.
+/// `k = 8l .. 8l + 8` of the chunk, and nibble plane `j` is isolated with one shift and
+/// decoded with one permute from a 16-float codebook register (the INT4 codebook is
+/// `0..=15`, so both kinds share the code). `x` must therefore be in the matching
+/// order ([`super::gemv`]'s 128-element layout: element `j * 16 + l` of a chunk is
+/// `x[8l + j]`). A group (32, 64 or 128) is a whole number of lanes, so each lane gets
+/// its group's scale through one permute per chunk. Rows are processed in blocks of
+/// [`N_BLOCK`] over slices of `K` whose activations fit in L1.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VL and DQ. `task` must describe consistent
@@ -49,38 +51,66 @@ pub(crate) const CHUNK512: usize = 128;
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub(crate) unsafe fn gemv_rows_avx512(task: &GemvTask<'_>, n0: usize, out: &mut [f32]) {
     let m = task.m;
+    let mut i0 = 0;
+    while i0 < m {
+        let mt = (m - i0).min(M_TILE);
+        // SAFETY: features as required by this function; `i0 + mt <= M`, and the row
+        // range is the caller's.
+        unsafe {
+            match mt {
+                1 => avx512_tile::<1>(task, n0, i0, out),
+                2 => avx512_tile::<2>(task, n0, i0, out),
+                3 => avx512_tile::<3>(task, n0, i0, out),
+                _ => avx512_tile::<4>(task, n0, i0, out),
+            }
+        }
+        i0 += mt;
+    }
+}
+
+/// Activations (per row of `x`) kept in L1 while a block of weight rows streams by.
+const K_SLICE: usize = 4096;
+
+/// The `MT` rows of `x` from `i0` against output rows `n0 .. n0 + out.len() / M`.
+///
+/// # Safety
+/// As [`gemv_rows_avx512`], and `i0 + MT <= M`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn avx512_tile<const MT: usize>(task: &GemvTask<'_>, n0: usize, i0: usize, out: &mut [f32]) {
+    let m = task.m;
     let rows = out.len() / m;
+    let gpr = task.w.groups_per_row();
+    // Groups per K slice: a multiple of 16 (the scale block of `avx512_row`).
+    let slice_groups = (K_SLICE / task.w.group()).max(16);
     // SAFETY: the codebook is 16 f32, exactly one unaligned 512-bit load.
     let table = unsafe { _mm512_loadu_ps(task.w.kind().codebook().as_ptr()) };
     let mut nb = 0;
     while nb < rows {
         let nb_end = (nb + N_BLOCK).min(rows);
-        let mut i0 = 0;
-        while i0 < m {
-            let mt = (m - i0).min(M_TILE);
+        let mut acc = [[_mm512_setzero_ps(); MT]; N_BLOCK];
+        let mut g_begin = 0;
+        while g_begin < gpr {
+            let g_end = (g_begin + slice_groups).min(gpr);
             for r in nb..nb_end {
-                let dst = &mut out[r * m + i0..r * m + i0 + mt];
-                let n = n0 + r;
-                // SAFETY: features as required by this function; `n < N` and
-                // `i0 + mt <= M` by the loop bounds and the caller's contract.
+                // SAFETY: `n0 + r < N` by the caller's contract, `g_begin` is a multiple
+                // of 16 and `g_end <= K / G`.
                 unsafe {
-                    match mt {
-                        1 => avx512_row::<1>(task, table, n, i0, dst),
-                        2 => avx512_row::<2>(task, table, n, i0, dst),
-                        3 => avx512_row::<3>(task, table, n, i0, dst),
-                        _ => avx512_row::<4>(task, table, n, i0, dst),
-                    }
-                }
+                    avx512_row::<MT>(task, table, n0 + r, i0, g_begin, g_end, &mut acc[r - nb])
+                };
             }
-            i0 += mt;
+            g_begin = g_end;
+        }
+        for r in nb..nb_end {
+            let bias = task.bias.map_or(0.0, |b| b[n0 + r]);
+            for (i, &a) in acc[r - nb].iter().enumerate() {
+                out[r * m + i0 + i] = _mm512_reduce_add_ps(a) + bias;
+            }
         }
         nb = nb_end;
     }
 }
 
-/// Decodes nibble `J` of every lane of `v` through the codebook (`table`, 16 floats;
-/// the INT4 codebook is `0..=15`, so one permute serves both kinds and is cheaper than
-/// mask + convert).
+/// Decodes nibble `J` of every lane of `v` through the codebook `table`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
 fn decode16<const J: u32>(v: __m512i, table: __m512) -> __m512 {
@@ -88,11 +118,13 @@ fn decode16<const J: u32>(v: __m512i, table: __m512) -> __m512 {
     _mm512_permutexvar_ps(_mm512_srli_epi32::<J>(v), table)
 }
 
-/// One output row `n` for the `MT` rows of `x` starting at `i0`.
+/// Adds groups `g_begin .. g_end` of output row `n`, for the `MT` rows of `x` starting
+/// at `i0`, to the 16-lane partial sums `total` (scale, codes and offset terms).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/DQ available; `n < N`, `i0 + MT <= M`, `dst.len() == MT`, `x` in
-/// the 128-element layout with row stride `task.xstride >= K` rounded up to 128.
+/// AVX-512 F/BW/VL/DQ available; `n < N`, `i0 + MT <= M`, `g_begin` a multiple of 16,
+/// `g_end <= K / G`, `x` in the 128-element layout with row stride `task.xstride` at
+/// least `K` rounded up to 128.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
 unsafe fn avx512_row<const MT: usize>(
@@ -100,14 +132,15 @@ unsafe fn avx512_row<const MT: usize>(
     table: __m512,
     n: usize,
     i0: usize,
-    dst: &mut [f32],
+    g_begin: usize,
+    g_end: usize,
+    total: &mut [__m512; MT],
 ) {
     let w = &task.w;
     let k = w.k();
     let group = w.group();
-    let gpr = w.groups_per_row();
     let xs = task.xstride;
-    debug_assert!(i0 + MT <= task.m && dst.len() == MT);
+    debug_assert!(i0 + MT <= task.m && g_begin % 16 == 0 && g_end <= w.groups_per_row());
     debug_assert!(xs >= k.div_ceil(CHUNK512) * CHUNK512);
     let packed = w.packed_row(n).as_ptr();
     let scales = w.scales_row(n).as_ptr().cast::<i16>();
@@ -130,17 +163,15 @@ unsafe fn avx512_row<const MT: usize>(
     );
     let groups_per_chunk = (CHUNK512 / group) as i32;
     let chunks_per_block = 16 * group / CHUNK512;
-    let mut total = [_mm512_setzero_ps(); MT];
-    let mut offacc = [_mm512_setzero_ps(); MT];
-    let mut g0 = 0;
+    let mut g0 = g_begin;
     // SAFETY: loads stay inside their rows: scale and offset loads are masked to the
     // `gl` groups left in the row (masked-out lanes are not accessed); `gsum` rows are
     // zero-padded to a multiple of 16 groups and `g0` is a multiple of 16; chunk `c`
     // reads packed bytes `64c ..` masked to the row's K/2 bytes, and x floats
     // `i * xs + 128c .. + 128` with `128 (c + 1) <= xs`.
     unsafe {
-        while g0 < gpr {
-            let gl = (gpr - g0).min(16);
+        while g0 < g_end {
+            let gl = (g_end - g0).min(16);
             let mask: __mmask16 = if gl == 16 { 0xffff } else { (1u16 << gl) - 1 };
             let sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, scales.add(g0)));
             if !offsets.is_empty() {
@@ -148,9 +179,9 @@ unsafe fn avx512_row<const MT: usize>(
                     mask,
                     offsets.as_ptr().cast::<i16>().add(g0),
                 ));
-                for (i, oa) in offacc.iter_mut().enumerate() {
+                for (i, t) in total.iter_mut().enumerate() {
                     let gs = task.gsum[(i0 + i) * task.gstride + g0..].as_ptr();
-                    *oa = _mm512_fmadd_ps(ov, _mm512_loadu_ps(gs), *oa);
+                    *t = _mm512_fmadd_ps(ov, _mm512_loadu_ps(gs), *t);
                 }
             }
             let c0 = g0 * group / CHUNK512;
@@ -184,10 +215,6 @@ unsafe fn avx512_row<const MT: usize>(
             }
             g0 += gl;
         }
-    }
-    let bias = task.bias.map_or(0.0, |b| b[n]);
-    for i in 0..MT {
-        dst[i] = _mm512_reduce_add_ps(_mm512_add_ps(total[i], offacc[i])) + bias;
     }
 }
 
