@@ -255,6 +255,24 @@ fn portable_rows<const NF4: bool>(task: &GemvTask<'_>, n0: usize, out: &mut [f32
     }
 }
 
+/// Exact f16 -> f32 conversion in plain integer and float arithmetic (inlined, unlike a
+/// call that checks for F16C at run time): rebias the exponent by a multiply with
+/// `2^112`, which also turns f16 subnormals into the right f32 values; infinities and
+/// NaN keep an all-ones exponent.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let mag = h & 0x7fff;
+    let shifted = mag << 13;
+    let v = if mag > 0x7bff {
+        f32::from_bits(shifted | 0x7f80_0000)
+    } else {
+        f32::from_bits(shifted) * f32::from_bits(0x7780_0000)
+    };
+    f32::from_bits(v.to_bits() | sign)
+}
+
 /// One output row `n` for the `MT` rows of `x` starting at `i0`.
 #[inline(always)]
 fn portable_row<const MT: usize, const NF4: bool>(
@@ -276,25 +294,24 @@ fn portable_row<const MT: usize, const NF4: bool>(
         for (c, bytes) in pg.chunks_exact(CHUNK / 2).enumerate() {
             let mut lo = [0.0f32; 16];
             let mut hi = [0.0f32; 16];
-            for j in 0..16 {
-                let b = bytes[j];
+            for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(bytes) {
                 if NF4 {
-                    lo[j] = book[usize::from(b & 15)];
-                    hi[j] = book[usize::from(b >> 4)];
+                    *l = book[usize::from(b & 15)];
+                    *h = book[usize::from(b >> 4)];
                 } else {
-                    lo[j] = f32::from(b & 15);
-                    hi[j] = f32::from(b >> 4);
+                    *l = f32::from(b & 15);
+                    *h = f32::from(b >> 4);
                 }
             }
             let kk = g * group + c * CHUNK;
-            for i in 0..MT {
-                let xc = &xs[i][kk..kk + CHUNK];
+            for (a, xr) in acc.iter_mut().zip(&xs) {
+                let (xl, xh) = xr[kk..kk + CHUNK].split_at(CHUNK / 2);
                 for j in 0..16 {
-                    acc[i][j] += lo[j] * xc[j] + hi[j] * xc[16 + j];
+                    a[j] += lo[j] * xl[j] + hi[j] * xh[j];
                 }
             }
         }
-        let s = scale.to_f32();
+        let s = f16_to_f32(scale.to_bits());
         for i in 0..MT {
             for j in 0..16 {
                 total[i][j] += s * acc[i][j];
@@ -310,9 +327,32 @@ fn portable_row<const MT: usize, const NF4: bool>(
             y += offsets
                 .iter()
                 .zip(gs)
-                .map(|(o, s)| o.to_f32() * s)
+                .map(|(o, s)| f16_to_f32(o.to_bits()) * s)
                 .sum::<f32>();
         }
         dst[i] = y + bias;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+    use half::f16;
+
+    #[test]
+    fn f16_conversion_is_exact_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}: {got} is not NaN");
+            } else {
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{bits:#06x}: {got} != {want}"
+                );
+            }
+        }
     }
 }
