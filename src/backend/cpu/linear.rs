@@ -2,10 +2,15 @@
 
 use half::{bf16, f16};
 
-use super::KernelPath;
 use super::panel::{self, HalfRows, Q4Rows};
+use super::{KernelPath, gemv};
 use crate::error::{Error, Result};
 use crate::quant::Q4Weights;
+
+/// Largest M that 4-bit layers run through the fused GEMV kernels: they decode each
+/// weight once per 4 rows of x in registers, which wins while the layer is bound by
+/// reading the weights; above it the decoded-tile GEMM reuses each weight M times.
+pub const GEMV_MAX_M: usize = 8;
 
 /// Dense weight data of a matrix `[N, K]`, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -111,8 +116,10 @@ pub(crate) fn check_linear_args(
 /// `y[M, N] = x[M, K] * W^T (+ bias)` on the CPU with the current rayon pool's threads
 /// and the fastest SIMD path of this CPU ([`KernelPath::detect`]).
 ///
-/// Dense f32 weights go straight to the `gemm` crate; f16/bf16 and 4-bit weights are
-/// decoded panel by panel into cache-resident f32 tiles (never the whole matrix).
+/// Dense f32 weights go straight to the `gemm` crate. 4-bit weights run through the fused
+/// dequant-GEMV kernels up to [`GEMV_MAX_M`] rows; above that, and for f16/bf16 weights,
+/// they are decoded panel by panel into cache-resident f32 tiles (never the whole
+/// matrix) that the `gemm` crate multiplies.
 pub fn linear(
     x: &[f32],
     m: usize,
@@ -146,14 +153,24 @@ pub fn linear_with_path(
         LinearWeights::Dense {
             data: DenseData::F16(data),
             ..
-        } => panel::linear_by_panels(x, m, &HalfRows { data, n, k }, bias, y),
+        } => half_linear(x, m, &HalfRows { data, n, k }, bias, y),
         LinearWeights::Dense {
             data: DenseData::Bf16(data),
             ..
-        } => panel::linear_by_panels(x, m, &HalfRows { data, n, k }, bias, y),
+        } => half_linear(x, m, &HalfRows { data, n, k }, bias, y),
+        LinearWeights::Q4(w) if m <= GEMV_MAX_M => return gemv::gemv_q4(path, x, m, &w, bias, y),
         LinearWeights::Q4(w) => panel::linear_by_panels(x, m, &Q4Rows { w, path }, bias, y),
     }
     Ok(())
+}
+
+/// f16/bf16 weights: row by row while reading the weights dominates, decoded tiles above.
+fn half_linear(x: &[f32], m: usize, w: &dyn panel::DecodeRows, bias: Option<&[f32]>, y: &mut [f32]) {
+    if m <= GEMV_MAX_M {
+        panel::linear_by_rows(x, m, w, bias, y)
+    } else {
+        panel::linear_by_panels(x, m, w, bias, y)
+    }
 }
 
 /// Dense f32 linear layer through the `gemm` crate (lengths already checked).

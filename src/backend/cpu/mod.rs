@@ -2,9 +2,13 @@
 //! place on the packed weights, dense layers through the `gemm` crate, threads over
 //! output rows (rayon).
 
+pub mod gemv;
 pub mod linear;
+pub mod membw;
 mod panel;
 pub mod path;
+#[cfg(target_arch = "x86_64")]
+mod simd_x86;
 
 pub use linear::{DenseData, LinearWeights, linear, linear_with_path};
 pub use path::KernelPath;

@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -78,10 +79,7 @@ macro_rules! half_rows {
             fn decode_block(&self, first: usize, cols: Range<usize>, out: &mut [f32]) {
                 for (i, dst) in out.chunks_exact_mut(cols.len()).enumerate() {
                     let row = (first + i) * self.k;
-                    let src = &self.data[row + cols.start..row + cols.end];
-                    for (o, s) in dst.iter_mut().zip(src) {
-                        *o = s.to_f32();
-                    }
+                    self.data[row + cols.start..row + cols.end].convert_to_f32_slice(dst);
                 }
             }
         }
@@ -107,7 +105,7 @@ fn decode_q4_row(w: &Q4Weights<'_>, row: usize, first_group: usize, out: &mut [f
     {
         let s = scales[g].to_f32();
         let o = offsets.get(g).map_or(0.0, |o| o.to_f32());
-        let table: [f32; 16] = std::array::from_fn(|q| s.mul_add(book[q], o));
+        let table: [f32; 16] = std::array::from_fn(|q| s * book[q] + o);
         for (pair, &byte) in dst.chunks_exact_mut(2).zip(codes) {
             pair[0] = table[(byte & 0x0f) as usize];
             pair[1] = table[(byte >> 4) as usize];
@@ -229,6 +227,43 @@ pub(crate) fn linear_by_panels(
             }
         },
     );
+}
+
+/// Small-M linear layer on decoded rows: each task decodes one weight row at a time into
+/// a K-long buffer and dots it with every row of x, so each weight is read from memory
+/// once and nothing larger than a row is ever decoded. Lengths are checked by the caller.
+pub(crate) fn linear_by_rows(x: &[f32], m: usize, w: &dyn DecodeRows, bias: Option<&[f32]>, y: &mut [f32]) {
+    let (n, k) = (w.rows(), w.cols());
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per_task = n.div_ceil(4 * threads).max(1);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(rows_per_task)).into_par_iter().for_each_init(
+        || vec![0.0f32; k],
+        |row_buf, t| {
+            for j in t * rows_per_task..((t + 1) * rows_per_task).min(n) {
+                w.decode_block(j, 0..k, row_buf);
+                let b = bias.map_or(0.0, |b| b[j]);
+                for (i, x_row) in x.chunks_exact(k).enumerate() {
+                    // SAFETY: element (i, j) of y [M, N]; row j belongs to this task only.
+                    unsafe { *y_ptr.get().add(i * n + j) = dot(x_row, row_buf) + b };
+                }
+            }
+        },
+    );
+    debug_assert_eq!(y.len(), m * n);
+}
+
+/// Dot product with sixteen independent partial sums, which the compiler vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(p, q)| p * q).sum();
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for l in 0..16 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Fills every row of `y [M, N]` with the bias (or zeros), so the multiply can accumulate.
