@@ -2,6 +2,9 @@
 //! place on the packed weights, dense layers through the `gemm` crate, threads over
 //! output rows (rayon).
 
+pub mod int8;
+#[cfg(target_arch = "x86_64")]
+mod int8_x86;
 pub mod path;
 
 pub use path::KernelPath;
