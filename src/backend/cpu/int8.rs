@@ -24,6 +24,7 @@
 //! `vpmaddwd` with ones; the i16 pair sums stay below `2 * 15 * 127 = 3810`, so nothing
 //! saturates), and [`KernelPath::Portable`] (plain Rust).
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::backend::cpu::path::KernelPath;
@@ -40,8 +41,9 @@ pub const PANEL_N: usize = 32;
 /// Largest number of rows of `x` a micro-kernel handles at once.
 pub(crate) const MAX_MR: usize = 6;
 
-/// Rows of `x` per tile (a multiple of every path's micro-kernel height).
-const TILE_M: usize = 240;
+/// Largest number of rows of `x` per tile (tiles are rounded up to a multiple of 12, a
+/// multiple of every path's micro-kernel height).
+const TILE_M: usize = 512;
 /// Output features per tile (a multiple of [`PANEL_N`]).
 const TILE_N: usize = 128;
 
@@ -321,7 +323,10 @@ pub fn linear_q4_int8_quantized(
         .map(|s| s as f32)
         .collect();
 
-    let m_tiles = m.div_ceil(TILE_M);
+    // Even tiles of at most about TILE_M rows, so a short last tile does not unpack the
+    // whole matrix again for a handful of rows.
+    let tile_m = m.div_ceil(m.div_ceil(TILE_M)).next_multiple_of(12);
+    let m_tiles = m.div_ceil(tile_m);
     let n_tiles = n.div_ceil(TILE_N);
     let ctx = GemmCtx {
         path,
@@ -339,8 +344,8 @@ pub fn linear_q4_int8_quantized(
         || Panel::new(k, gpr),
         |panel, t| {
             let (mt, nt) = (t / n_tiles, t % n_tiles);
-            let m0 = mt * TILE_M;
-            let m1 = (m0 + TILE_M).min(m);
+            let m0 = mt * tile_m;
+            let m1 = (m0 + tile_m).min(m);
             let n0 = nt * TILE_N;
             let n1 = (n0 + TILE_N).min(n);
             // SAFETY: tile `t` writes only rows m0..m1 and columns n0..n1 of `y`; the
@@ -374,6 +379,8 @@ pub(crate) struct Panel {
     pub(crate) scales: Vec<f32>,
     /// Offsets as f32, `[K/G][PANEL_N]`.
     pub(crate) offsets: Vec<f32>,
+    /// Scratch for one row of scales or offsets.
+    row_tmp: Vec<f32>,
 }
 
 impl Panel {
@@ -382,6 +389,7 @@ impl Panel {
             codes: vec![Line([0; 64]); k * PANEL_N / 64],
             scales: vec![0.0; gpr * PANEL_N],
             offsets: vec![0.0; gpr * PANEL_N],
+            row_tmp: vec![0.0; gpr],
         }
     }
 
@@ -393,18 +401,24 @@ impl Panel {
     /// panel gets zero codes, scales and offsets.
     fn fill(&mut self, path: KernelPath, w: &Q4Weights<'_>, n0: usize, valid: usize) {
         let gpr = w.groups_per_row();
-        for g in 0..gpr {
-            for j in 0..PANEL_N {
-                let (s, o) = if j < valid {
-                    (
-                        w.scales_row(n0 + j)[g].to_f32(),
-                        w.offsets_row(n0 + j)[g].to_f32(),
-                    )
-                } else {
-                    (0.0, 0.0)
-                };
-                self.scales[g * PANEL_N + j] = s;
-                self.offsets[g * PANEL_N + j] = o;
+        self.row_tmp.resize(gpr, 0.0);
+        for j in 0..PANEL_N {
+            if j < valid {
+                // Vectorised f16 conversion of one row, then a transposed scatter.
+                w.scales_row(n0 + j).convert_to_f32_slice(&mut self.row_tmp);
+                for (g, &v) in self.row_tmp.iter().enumerate() {
+                    self.scales[g * PANEL_N + j] = v;
+                }
+                w.offsets_row(n0 + j)
+                    .convert_to_f32_slice(&mut self.row_tmp);
+                for (g, &v) in self.row_tmp.iter().enumerate() {
+                    self.offsets[g * PANEL_N + j] = v;
+                }
+            } else {
+                for g in 0..gpr {
+                    self.scales[g * PANEL_N + j] = 0.0;
+                    self.offsets[g * PANEL_N + j] = 0.0;
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
