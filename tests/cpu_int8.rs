@@ -228,6 +228,12 @@ fn quantize_activations_rounds_per_row() {
         }
     }
     assert!(xq.row(m).is_none());
+
+    // A row of tiny (subnormal) values has no usable scale: it quantises to zero.
+    let tiny = vec![1e-40f32, -3e-40, 0.0, 2e-41];
+    let tq = quantize_activations(&tiny, 1, 4).unwrap();
+    assert_eq!(tq.scales(), &[0.0]);
+    assert!(tq.values().iter().all(|&v| v == 0));
     assert!(xq.group_sums(48).is_err());
 }
 

@@ -47,8 +47,9 @@ const TILE_M: usize = 512;
 /// Output features per tile (a multiple of [`PANEL_N`]).
 const TILE_N: usize = 128;
 
-/// Largest value of `max|x_row| / 127` that still quantises a row; rows below it
-/// (all-zero rows or rows of subnormal numbers) get scale 0 and all-zero values.
+/// Smallest value of `max|x_row| / 127` that still quantises a row; rows below it
+/// (all-zero rows, or rows whose largest magnitude is below about 1.5e-36) get scale 0
+/// and all-zero values.
 const MIN_SCALE: f32 = f32::MIN_POSITIVE;
 
 /// Activations quantised per row to symmetric int8.
@@ -122,8 +123,9 @@ impl QuantizedActivations {
 }
 
 /// Quantises `x [M, K]` per row to symmetric int8 (`scale = max|x_row| / 127`,
-/// `value = round(x / scale)`, ties to even). Fails on NaN or infinite inputs and on a
-/// length other than `M * K`.
+/// `value = round(x * 127 / max|x_row|)`, ties to even, in `-127..=127`). A row whose
+/// largest magnitude is below about 1.5e-36 (all zeros, say) gets scale 0 and zero
+/// values. Fails on NaN or infinite inputs and on a length other than `M * K`.
 pub fn quantize_activations(x: &[f32], m: usize, k: usize) -> Result<QuantizedActivations> {
     let len = m
         .checked_mul(k)
