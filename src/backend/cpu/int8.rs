@@ -435,8 +435,8 @@ impl Panel {
             }
             return;
         }
-        let _ = path;
-        unpack_panel_portable(w, n0, valid, &mut self.codes);
+        let planar = path == KernelPath::Portable;
+        unpack_panel_portable(w, n0, valid, &mut self.codes, planar);
     }
 }
 
@@ -454,23 +454,48 @@ pub(crate) fn spread_nibbles(v: u32) -> u32 {
     (t | (t << 4)) & 0x0f0f_0f0f
 }
 
-/// Scalar panel unpacking (used by the portable and AVX2 paths).
-fn unpack_panel_portable(w: &Q4Weights<'_>, n0: usize, valid: usize, codes: &mut [Line]) {
-    let k4 = w.k() / 4;
+/// Scalar panel unpacking (used by the portable and AVX2 paths). Each step of four `k`
+/// is 128 bytes: interleaved (`[PANEL_N][4]`, the x86 operand order) or, with
+/// `planar`, `[4][PANEL_N]` (contiguous per `k`, which the portable kernel vectorises).
+fn unpack_panel_portable(
+    w: &Q4Weights<'_>,
+    n0: usize,
+    valid: usize,
+    codes: &mut [Line],
+    planar: bool,
+) {
+    let bytes = lines_as_bytes_mut(codes);
+    let pos = |i: usize, j: usize, t: usize| {
+        if planar {
+            i * 4 * PANEL_N + t * PANEL_N + j
+        } else {
+            i * 4 * PANEL_N + 4 * j + t
+        }
+    };
     for j in 0..PANEL_N {
-        let (line_off, byte_off) = ((j * 4) / 64, (j * 4) % 64);
         if j < valid {
             let row = w.packed_row(n0 + j);
             for (i, pair) in row.chunks_exact(2).enumerate() {
                 let v = spread_nibbles(u32::from(pair[0]) | (u32::from(pair[1]) << 8));
-                codes[i * 2 + line_off].0[byte_off..byte_off + 4].copy_from_slice(&v.to_le_bytes());
+                for (t, b) in v.to_le_bytes().into_iter().enumerate() {
+                    bytes[pos(i, j, t)] = b;
+                }
             }
         } else {
-            for i in 0..k4 {
-                codes[i * 2 + line_off].0[byte_off..byte_off + 4].fill(0);
+            for i in 0..w.k() / 4 {
+                for t in 0..4 {
+                    bytes[pos(i, j, t)] = 0;
+                }
             }
         }
     }
+}
+
+/// Views the panel lines as mutable bytes.
+fn lines_as_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+    // SAFETY: `Line` is `repr(C)` around `[u8; 64]` with size 64 and no padding, so a
+    // slice of `Line` is a valid slice of `64 * len` bytes, borrowed mutably here.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast::<u8>(), lines.len() * 64) }
 }
 
 /// Everything a tile needs.
@@ -610,17 +635,19 @@ fn micro_portable_n<const MR: usize>(
             let wv = &codes[i * 4 * PANEL_N..(i + 1) * 4 * PANEL_N];
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let xr = &x[r * k + 4 * i..r * k + 4 * i + 4];
-                let (x0, x1, x2, x3) = (
-                    i32::from(xr[0]),
-                    i32::from(xr[1]),
-                    i32::from(xr[2]),
-                    i32::from(xr[3]),
-                );
-                for (a, wj) in acc_r.iter_mut().zip(wv.chunks_exact(4)) {
-                    *a += i32::from(wj[0]) * x0
-                        + i32::from(wj[1]) * x1
-                        + i32::from(wj[2]) * x2
-                        + i32::from(wj[3]) * x3;
+                // Planar panel: the 32 codes of one k are contiguous. Products and
+                // their sum over the four k of a step fit i16 (4 * 15 * 127 = 7620), so
+                // the step is computed in i16 (16-bit multiplies exist on every SIMD
+                // ISA) and widened once.
+                let mut step = [0i16; PANEL_N];
+                for (&xt, wt) in xr.iter().zip(wv.chunks_exact(PANEL_N)) {
+                    let xt = i16::from(xt);
+                    for (s, &c) in step.iter_mut().zip(wt) {
+                        *s += i16::from(c) * xt;
+                    }
+                }
+                for (a, &s) in acc_r.iter_mut().zip(&step) {
+                    *a += i32::from(s);
                 }
             }
         }
