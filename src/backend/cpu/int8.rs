@@ -375,7 +375,7 @@ pub(crate) struct Line(pub(crate) [u8; 64]);
 
 /// A thread's unpacked weight panel: `PANEL_N` outputs, all of K.
 pub(crate) struct Panel {
-    /// Codes, `[K/4][PANEL_N][4]` bytes.
+    /// Codes, `[K/4][PANEL_N][4]` bytes (`[K/4][4][PANEL_N]` on the portable path).
     pub(crate) codes: Vec<Line>,
     /// Scales as f32, `[K/G][PANEL_N]`.
     pub(crate) scales: Vec<f32>,
