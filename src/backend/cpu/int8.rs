@@ -618,6 +618,28 @@ fn micro_portable(
     }
 }
 
+/// One step of four `k` for one row of `x` on a planar panel step (`[4][n]` codes,
+/// `n = acc.len()`): `acc[j] += sum_t w[t][j] * x[t]`. The products and their sum over
+/// the four `k` fit i16 (4 * 15 * 127 = 7620), so the step is summed in i16 (16-bit
+/// multiplies exist on every SIMD ISA) and widened once. Kept out of line with a
+/// run-time length so the compiler vectorises the loops over `j`.
+#[inline(never)]
+fn step_dot(acc: &mut [i32], w: &[u8], x: &[i8]) {
+    let n = acc.len();
+    let mut step = [0i16; PANEL_N];
+    let step = &mut step[..n.min(PANEL_N)];
+    for (t, &xt) in x.iter().enumerate().take(4) {
+        let xt = i16::from(xt);
+        let wt = &w[t * n..(t + 1) * n];
+        for (s, &c) in step.iter_mut().zip(wt) {
+            *s += i16::from(c) * xt;
+        }
+    }
+    for (a, &s) in acc.iter_mut().zip(step.iter()) {
+        *a += i32::from(s);
+    }
+}
+
 fn micro_portable_n<const MR: usize>(
     panel: &Panel,
     x: &[i8],
@@ -639,16 +661,7 @@ fn micro_portable_n<const MR: usize>(
                 // their sum over the four k of a step fit i16 (4 * 15 * 127 = 7620), so
                 // the step is computed in i16 (16-bit multiplies exist on every SIMD
                 // ISA) and widened once.
-                let mut step = [0i16; PANEL_N];
-                for (&xt, wt) in xr.iter().zip(wv.chunks_exact(PANEL_N)) {
-                    let xt = i16::from(xt);
-                    for (s, &c) in step.iter_mut().zip(wt) {
-                        *s += i16::from(c) * xt;
-                    }
-                }
-                for (a, &s) in acc_r.iter_mut().zip(&step) {
-                    *a += i32::from(s);
-                }
+                step_dot(acc_r, wv, xr);
             }
         }
         let s = &panel.scales[g * PANEL_N..(g + 1) * PANEL_N];
