@@ -3,6 +3,9 @@
 //! output rows (rayon).
 
 pub mod gemv;
+pub mod int8;
+#[cfg(target_arch = "x86_64")]
+mod int8_x86;
 pub mod linear;
 pub mod membw;
 mod panel;
