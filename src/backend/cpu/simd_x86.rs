@@ -140,7 +140,7 @@ unsafe fn avx512_row<const MT: usize>(
     let k = w.k();
     let group = w.group();
     let xs = task.xstride;
-    debug_assert!(i0 + MT <= task.m && g_begin % 16 == 0 && g_end <= w.groups_per_row());
+    debug_assert!(i0 + MT <= task.m && g_begin.is_multiple_of(16) && g_end <= w.groups_per_row());
     debug_assert!(xs >= k.div_ceil(CHUNK512) * CHUNK512);
     let packed = w.packed_row(n).as_ptr();
     let scales = w.scales_row(n).as_ptr().cast::<i16>();

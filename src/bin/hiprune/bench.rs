@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use half::f16;
-use hiprune::backend::cpu::{DenseData, KernelPath, LinearWeights, linear, membw};
+use hiprune::backend::cpu::{DenseData, KernelPath, LinearWeights, int8, linear, membw};
 use hiprune::quant::{Q4Kind, Q4Weights};
 use hiprune::{Error, Result};
 use rand::rngs::StdRng;
@@ -33,7 +33,8 @@ pub struct KernelArgs {
     /// Rows of x (tokens), comma-separated.
     #[arg(long, default_value = "1,256")]
     m: String,
-    /// Weight kinds to compare with the dense f32 baseline (`int4`, `nf4`).
+    /// Kernels to compare with the dense f32 baseline: `int4`, `nf4` (f32 activations)
+    /// and `int4-a8` (INT4 weights, per-token int8 activations).
     #[arg(long, default_value = "int4,nf4")]
     weights: String,
     /// Group (block) size of the 4-bit weights.
@@ -94,9 +95,21 @@ pub fn run(command: BenchCommand) -> Result<()> {
 fn parse_shapes(spec: &str) -> Result<Vec<(usize, usize)>> {
     match spec {
         // D = 2432: attention, 6D modulation, FFN up/down, context embedder.
-        "sd35-large" => Ok(vec![(2432, 2432), (2432, 14592), (2432, 9728), (9728, 2432), (4096, 2432)]),
+        "sd35-large" => Ok(vec![
+            (2432, 2432),
+            (2432, 14592),
+            (2432, 9728),
+            (9728, 2432),
+            (4096, 2432),
+        ]),
         // D = 1536: attention, 9D (MMDiT-X) and 6D modulation, FFN up/down.
-        "sd35-medium" => Ok(vec![(1536, 1536), (1536, 13824), (1536, 9216), (1536, 6144), (6144, 1536)]),
+        "sd35-medium" => Ok(vec![
+            (1536, 1536),
+            (1536, 13824),
+            (1536, 9216),
+            (1536, 6144),
+            (6144, 1536),
+        ]),
         custom => custom
             .split(';')
             .filter(|s| !s.trim().is_empty())
@@ -105,7 +118,10 @@ fn parse_shapes(spec: &str) -> Result<Vec<(usize, usize)>> {
                 match dims.as_slice() {
                     [k, n] => match (k.parse::<usize>(), n.parse::<usize>()) {
                         (Ok(k), Ok(n)) if k > 0 && n > 0 => Ok((k, n)),
-                        _ => Err(Error::invalid("--shapes", format!("`{pair}` is not K,N with positive integers"))),
+                        _ => Err(Error::invalid(
+                            "--shapes",
+                            format!("`{pair}` is not K,N with positive integers"),
+                        )),
                     },
                     _ => Err(Error::invalid(
                         "--shapes",
@@ -121,17 +137,58 @@ fn parse_list(flag: &str, spec: &str) -> Result<Vec<usize>> {
     spec.split(',')
         .map(|s| match s.trim().parse::<usize>() {
             Ok(v) if v > 0 => Ok(v),
-            _ => Err(Error::invalid(flag, format!("`{s}` is not a positive integer"))),
+            _ => Err(Error::invalid(
+                flag,
+                format!("`{s}` is not a positive integer"),
+            )),
         })
         .collect()
 }
 
-fn parse_kinds(spec: &str) -> Result<Vec<Q4Kind>> {
+/// A 4-bit kernel variant to compare with the dense baseline.
+#[derive(Clone, Copy)]
+enum Variant {
+    /// f32 activations, INT4 or NF4 weights.
+    Q4(Q4Kind),
+    /// INT4 weights with per-token int8 activations (integer dot products).
+    Int4Int8Activations,
+}
+
+impl Variant {
+    fn kind(self) -> Q4Kind {
+        match self {
+            Variant::Q4(kind) => kind,
+            Variant::Int4Int8Activations => Q4Kind::Int4,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Q4(kind) => kind.name(),
+            Variant::Int4Int8Activations => "int4-a8",
+        }
+    }
+
+    fn run(self, x: &[f32], m: usize, w: Q4Weights<'_>, y: &mut [f32]) -> Result<()> {
+        match self {
+            Variant::Q4(_) => linear(x, m, &LinearWeights::Q4(w), None, y),
+            Variant::Int4Int8Activations => {
+                int8::linear_q4_int8(KernelPath::detect(), x, m, &w, None, y)
+            }
+        }
+    }
+}
+
+fn parse_kinds(spec: &str) -> Result<Vec<Variant>> {
     spec.split(',')
         .map(|s| match s.trim() {
-            "int4" => Ok(Q4Kind::Int4),
-            "nf4" => Ok(Q4Kind::Nf4),
-            other => Err(Error::invalid("--weights", format!("`{other}` is not one of int4, nf4"))),
+            "int4" => Ok(Variant::Q4(Q4Kind::Int4)),
+            "nf4" => Ok(Variant::Q4(Q4Kind::Nf4)),
+            "int4-a8" => Ok(Variant::Int4Int8Activations),
+            other => Err(Error::invalid(
+                "--weights",
+                format!("`{other}` is not one of int4, nf4, int4-a8"),
+            )),
         })
         .collect()
 }
@@ -172,7 +229,7 @@ fn kernels_in_pool(
     args: &KernelArgs,
     shapes: &[(usize, usize)],
     ms: &[usize],
-    kinds: &[Q4Kind],
+    kinds: &[Variant],
     threads: usize,
 ) -> Result<()> {
     let path = KernelPath::detect();
@@ -183,17 +240,32 @@ fn kernels_in_pool(
     let total = shapes.len() * ms.len();
     for (i, &(k, n)) in shapes.iter().enumerate() {
         for kind in kinds {
-            hiprune::quant::check_q4_dims(*kind, "--shapes", k, args.group)?;
+            hiprune::quant::check_q4_dims(kind.kind(), "--shapes", k, args.group)?;
         }
-        let copies = |bytes: usize| if args.hot { 1 } else { STREAM_BYTES.div_ceil(bytes).max(1) };
+        let copies = |bytes: usize| {
+            if args.hot {
+                1
+            } else {
+                STREAM_BYTES.div_ceil(bytes).max(1)
+            }
+        };
         let dense: Vec<Vec<f32>> = (0..copies(n * k * 4))
-            .map(|_| (0..n * k).map(|_| rng.random_range(-0.05f32..0.05)).collect())
+            .map(|_| {
+                (0..n * k)
+                    .map(|_| rng.random_range(-0.05f32..0.05))
+                    .collect()
+            })
             .collect();
-        let q4: Vec<(Q4Kind, Vec<Q4Data>)> = kinds
+        let q4: Vec<(Variant, Vec<Q4Data>)> = kinds
             .iter()
             .map(|&kind| {
                 let bytes = n * k / 2 + n * k / args.group * 4;
-                (kind, (0..copies(bytes)).map(|_| Q4Data::random(&mut rng, kind, n, k, args.group)).collect())
+                (
+                    kind,
+                    (0..copies(bytes))
+                        .map(|_| Q4Data::random(&mut rng, kind.kind(), n, k, args.group))
+                        .collect(),
+                )
             })
             .collect();
         for (j, &m) in ms.iter().enumerate() {
@@ -207,14 +279,37 @@ fn kernels_in_pool(
                 linear(&x, m, &w, None, &mut y)
             })?;
             let dense_median = dense_times[dense_times.len() / 2];
-            results.push(measurement(k, n, m, "f32", n * k * 4, act_bytes, flops, &dense_times, dense_median));
+            results.push(measurement(
+                k,
+                n,
+                m,
+                "f32",
+                n * k * 4,
+                act_bytes,
+                flops,
+                &dense_times,
+                dense_median,
+            ));
             for (kind, copies) in &q4 {
-                let views = copies.iter().map(|d| d.view(*kind, n, k, args.group)).collect::<Result<Vec<_>>>()?;
+                let views = copies
+                    .iter()
+                    .map(|d| d.view(kind.kind(), n, k, args.group))
+                    .collect::<Result<Vec<_>>>()?;
                 let times = time_runs(args.seconds, |run| {
-                    linear(&x, m, &LinearWeights::Q4(views[run % views.len()]), None, &mut y)
+                    kind.run(&x, m, views[run % views.len()], &mut y)
                 })?;
                 let bytes = views[0].nbytes();
-                results.push(measurement(k, n, m, kind.name(), bytes, act_bytes, flops, &times, dense_median));
+                results.push(measurement(
+                    k,
+                    n,
+                    m,
+                    kind.name(),
+                    bytes,
+                    act_bytes,
+                    flops,
+                    &times,
+                    dense_median,
+                ));
             }
         }
     }
@@ -228,7 +323,11 @@ fn kernels_in_pool(
         results,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::invalid("report", e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::invalid("report", e.to_string()))?
+        );
     } else {
         print_kernel_table(&report);
     }
@@ -271,10 +370,24 @@ fn print_kernel_table(report: &KernelReport) {
     );
     println!(
         "weights {} | measured read bandwidth {:.1} GB/s",
-        if report.streamed { "streamed from memory (rotating copies)" } else { "cache-resident (--hot)" },
+        if report.streamed {
+            "streamed from memory (rotating copies)"
+        } else {
+            "cache-resident (--hot)"
+        },
         report.read_bandwidth_gbps
     );
-    let mut table = Table::new(&["K x N", "M", "weights", "median ms", "min-max ms", "GB/s", "% read bw", "GFLOP/s", "vs f32"]);
+    let mut table = Table::new(&[
+        "K x N",
+        "M",
+        "weights",
+        "median ms",
+        "min-max ms",
+        "GB/s",
+        "% read bw",
+        "GFLOP/s",
+        "vs f32",
+    ]);
     for r in &report.results {
         table.row(vec![
             format!("{}x{}", r.k, r.n),
@@ -303,9 +416,13 @@ impl Q4Data {
         let groups = n * k / group;
         Q4Data {
             packed: (0..n * k / 2).map(|_| rng.random()).collect(),
-            scales: (0..groups).map(|_| f16::from_f32(rng.random_range(0.001..0.01))).collect(),
+            scales: (0..groups)
+                .map(|_| f16::from_f32(rng.random_range(0.001..0.01)))
+                .collect(),
             offsets: if kind.has_offsets() {
-                (0..groups).map(|_| f16::from_f32(rng.random_range(-0.08..0.0))).collect()
+                (0..groups)
+                    .map(|_| f16::from_f32(rng.random_range(-0.08..0.0)))
+                    .collect()
             } else {
                 Vec::new()
             },

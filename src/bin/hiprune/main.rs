@@ -54,7 +54,11 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let result = match cli.command {
-        Command::Inspect { package, json, verify } => inspect::run(&package, json, verify),
+        Command::Inspect {
+            package,
+            json,
+            verify,
+        } => inspect::run(&package, json, verify),
         Command::Bench { what } => bench::run(what),
         Command::Demo(args) => demo::run(&args),
     };
