@@ -222,7 +222,7 @@ fn package_layer_bytes(package: &Package, layer: &str) -> Result<u64> {
     entry
         .tensor_names()
         .iter()
-        .map(|t| package.tensor(t).map(|v| v.len() as u64))
+        .map(|t| package.tensor(t).map(|v| v.bytes().len() as u64))
         .sum()
 }
 

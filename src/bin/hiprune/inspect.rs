@@ -51,7 +51,7 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
         let names = layer.tensor_names();
         let bytes: u64 = names
             .iter()
-            .map(|t| package.tensor(t).map(|v| v.len() as u64))
+            .map(|t| package.tensor(t).map(|v| v.bytes().len() as u64))
             .sum::<Result<u64>>()?;
         let elements = layer
             .out_features
@@ -89,7 +89,7 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
         .iter()
         .filter(|t| !layer_tensors.contains(&t.name))
     {
-        let bytes = package.tensor(&entry.name)?.len() as u64;
+        let bytes = package.tensor(&entry.name)?.bytes().len() as u64;
         other_tensor_bytes += bytes;
         other_f16_bytes += bytes * 2 / entry.dtype.size().max(1) as u64;
     }
