@@ -11,7 +11,7 @@
 //!
 //! - [`quant`]: the 4-bit weight formats (INT4 with per-group scale and offset, NF4 with
 //!   per-block absmax), their quantisers and an `f64` reference used by the tests.
-//! - [`format`](crate::format): the `.hpk` package, a safetensors file with a manifest, memory-mapped
+//! - [`format`](mod@format): the `.hpk` package, a safetensors file with a manifest, memory-mapped
 //!   and validated before any tensor is handed out, and written atomically.
 //! - [`backend`]: compute backends; the CPU backend runs fused dequant-GEMV/GEMM kernels
 //!   directly on the package's memory map.
