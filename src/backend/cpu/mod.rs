@@ -2,9 +2,11 @@
 //! place on the packed weights, dense layers through the `gemm` crate, threads over
 //! output rows (rayon).
 
+pub mod attention;
 pub mod gemv;
 pub mod linear;
 pub mod membw;
+pub mod ops;
 mod panel;
 pub mod path;
 #[cfg(target_arch = "x86_64")]
