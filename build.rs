@@ -12,13 +12,18 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         println!("cargo:rerun-if-changed=cuda");
         println!("cargo:rerun-if-changed=include");
-        println!("cargo:warning=the `cuda` feature has no kernels yet; the build continues without them");
+        println!(
+            "cargo:warning=the `cuda` feature has no kernels yet; the build continues without them"
+        );
     }
 }
 
 /// `git describe`-style short revision, with `-dirty` when the tree has changes.
 fn git_revision() -> Option<String> {
-    let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output().ok()?;
+    let out = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }

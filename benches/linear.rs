@@ -14,7 +14,13 @@ use std::time::Duration;
 
 /// (K, N) of SD3.5 linears: attention, the 6D modulation, the FFN up and down
 /// projections of SD3.5 Large (D = 2432), and the FFN up projection of SD3.5 Medium.
-const SHAPES: &[(usize, usize)] = &[(2432, 2432), (2432, 14592), (2432, 9728), (9728, 2432), (1536, 6144)];
+const SHAPES: &[(usize, usize)] = &[
+    (2432, 2432),
+    (2432, 14592),
+    (2432, 9728),
+    (9728, 2432),
+    (1536, 6144),
+];
 const GROUP: usize = 64;
 
 struct Q4Data {
@@ -27,9 +33,13 @@ fn q4_data(rng: &mut StdRng, kind: Q4Kind, n: usize, k: usize) -> Q4Data {
     let groups = n * k / GROUP;
     Q4Data {
         packed: (0..n * k / 2).map(|_| rng.random()).collect(),
-        scales: (0..groups).map(|_| f16::from_f32(rng.random_range(0.001..0.01))).collect(),
+        scales: (0..groups)
+            .map(|_| f16::from_f32(rng.random_range(0.001..0.01)))
+            .collect(),
         offsets: match kind {
-            Q4Kind::Int4 => (0..groups).map(|_| f16::from_f32(rng.random_range(-0.08..0.0))).collect(),
+            Q4Kind::Int4 => (0..groups)
+                .map(|_| f16::from_f32(rng.random_range(-0.08..0.0)))
+                .collect(),
             Q4Kind::Nf4 => Vec::new(),
         },
     }
@@ -38,7 +48,10 @@ fn q4_data(rng: &mut StdRng, kind: Q4Kind, n: usize, k: usize) -> Q4Data {
 fn bench_gemm(c: &mut Criterion, m: usize, shapes: &[(usize, usize)]) {
     let mut rng = StdRng::seed_from_u64(7);
     let mut group = c.benchmark_group(format!("linear_m{m}"));
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
     for &(k, n) in shapes {
         let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut y = vec![0.0f32; m * n];

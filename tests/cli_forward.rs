@@ -38,7 +38,7 @@ fn forward(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {
         "--output".as_ref(),
         out.as_os_str(),
     ];
-    args.extend(extra.iter().map(|s| std::ffi::OsStr::new(s)));
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
     hiprune(&args)
 }
 

@@ -165,7 +165,13 @@ pub fn linear_with_path(
 }
 
 /// f16/bf16 weights: row by row while reading the weights dominates, decoded tiles above.
-fn half_linear(x: &[f32], m: usize, w: &dyn panel::DecodeRows, bias: Option<&[f32]>, y: &mut [f32]) {
+fn half_linear(
+    x: &[f32],
+    m: usize,
+    w: &dyn panel::DecodeRows,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     if m <= GEMV_MAX_M {
         panel::linear_by_rows(x, m, w, bias, y)
     } else {

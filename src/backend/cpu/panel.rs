@@ -232,24 +232,32 @@ pub(crate) fn linear_by_panels(
 /// Small-M linear layer on decoded rows: each task decodes one weight row at a time into
 /// a K-long buffer and dots it with every row of x, so each weight is read from memory
 /// once and nothing larger than a row is ever decoded. Lengths are checked by the caller.
-pub(crate) fn linear_by_rows(x: &[f32], m: usize, w: &dyn DecodeRows, bias: Option<&[f32]>, y: &mut [f32]) {
+pub(crate) fn linear_by_rows(
+    x: &[f32],
+    m: usize,
+    w: &dyn DecodeRows,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
     let (n, k) = (w.rows(), w.cols());
     let threads = rayon::current_num_threads().max(1);
     let rows_per_task = n.div_ceil(4 * threads).max(1);
     let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..n.div_ceil(rows_per_task)).into_par_iter().for_each_init(
-        || vec![0.0f32; k],
-        |row_buf, t| {
-            for j in t * rows_per_task..((t + 1) * rows_per_task).min(n) {
-                w.decode_block(j, 0..k, row_buf);
-                let b = bias.map_or(0.0, |b| b[j]);
-                for (i, x_row) in x.chunks_exact(k).enumerate() {
-                    // SAFETY: element (i, j) of y [M, N]; row j belongs to this task only.
-                    unsafe { *y_ptr.get().add(i * n + j) = dot(x_row, row_buf) + b };
+    (0..n.div_ceil(rows_per_task))
+        .into_par_iter()
+        .for_each_init(
+            || vec![0.0f32; k],
+            |row_buf, t| {
+                for j in t * rows_per_task..((t + 1) * rows_per_task).min(n) {
+                    w.decode_block(j, 0..k, row_buf);
+                    let b = bias.map_or(0.0, |b| b[j]);
+                    for (i, x_row) in x.chunks_exact(k).enumerate() {
+                        // SAFETY: element (i, j) of y [M, N]; row j belongs to this task only.
+                        unsafe { *y_ptr.get().add(i * n + j) = dot(x_row, row_buf) + b };
+                    }
                 }
-            }
-        },
-    );
+            },
+        );
     debug_assert_eq!(y.len(), m * n);
 }
 
@@ -257,7 +265,12 @@ pub(crate) fn linear_by_rows(x: &[f32], m: usize, w: &dyn DecodeRows, bias: Opti
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let (a_chunks, b_chunks) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(p, q)| p * q).sum();
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(p, q)| p * q)
+        .sum();
     for (ca, cb) in a_chunks.zip(b_chunks) {
         for l in 0..16 {
             acc[l] += ca[l] * cb[l];

@@ -94,9 +94,21 @@ pub fn run(command: BenchCommand) -> Result<()> {
 fn parse_shapes(spec: &str) -> Result<Vec<(usize, usize)>> {
     match spec {
         // D = 2432: attention, 6D modulation, FFN up/down, context embedder.
-        "sd35-large" => Ok(vec![(2432, 2432), (2432, 14592), (2432, 9728), (9728, 2432), (4096, 2432)]),
+        "sd35-large" => Ok(vec![
+            (2432, 2432),
+            (2432, 14592),
+            (2432, 9728),
+            (9728, 2432),
+            (4096, 2432),
+        ]),
         // D = 1536: attention, 9D (MMDiT-X) and 6D modulation, FFN up/down.
-        "sd35-medium" => Ok(vec![(1536, 1536), (1536, 13824), (1536, 9216), (1536, 6144), (6144, 1536)]),
+        "sd35-medium" => Ok(vec![
+            (1536, 1536),
+            (1536, 13824),
+            (1536, 9216),
+            (1536, 6144),
+            (6144, 1536),
+        ]),
         custom => custom
             .split(';')
             .filter(|s| !s.trim().is_empty())
@@ -105,7 +117,10 @@ fn parse_shapes(spec: &str) -> Result<Vec<(usize, usize)>> {
                 match dims.as_slice() {
                     [k, n] => match (k.parse::<usize>(), n.parse::<usize>()) {
                         (Ok(k), Ok(n)) if k > 0 && n > 0 => Ok((k, n)),
-                        _ => Err(Error::invalid("--shapes", format!("`{pair}` is not K,N with positive integers"))),
+                        _ => Err(Error::invalid(
+                            "--shapes",
+                            format!("`{pair}` is not K,N with positive integers"),
+                        )),
                     },
                     _ => Err(Error::invalid(
                         "--shapes",
@@ -121,7 +136,10 @@ fn parse_list(flag: &str, spec: &str) -> Result<Vec<usize>> {
     spec.split(',')
         .map(|s| match s.trim().parse::<usize>() {
             Ok(v) if v > 0 => Ok(v),
-            _ => Err(Error::invalid(flag, format!("`{s}` is not a positive integer"))),
+            _ => Err(Error::invalid(
+                flag,
+                format!("`{s}` is not a positive integer"),
+            )),
         })
         .collect()
 }
@@ -131,7 +149,10 @@ fn parse_kinds(spec: &str) -> Result<Vec<Q4Kind>> {
         .map(|s| match s.trim() {
             "int4" => Ok(Q4Kind::Int4),
             "nf4" => Ok(Q4Kind::Nf4),
-            other => Err(Error::invalid("--weights", format!("`{other}` is not one of int4, nf4"))),
+            other => Err(Error::invalid(
+                "--weights",
+                format!("`{other}` is not one of int4, nf4"),
+            )),
         })
         .collect()
 }
@@ -185,15 +206,30 @@ fn kernels_in_pool(
         for kind in kinds {
             hiprune::quant::check_q4_dims(*kind, "--shapes", k, args.group)?;
         }
-        let copies = |bytes: usize| if args.hot { 1 } else { STREAM_BYTES.div_ceil(bytes).max(1) };
+        let copies = |bytes: usize| {
+            if args.hot {
+                1
+            } else {
+                STREAM_BYTES.div_ceil(bytes).max(1)
+            }
+        };
         let dense: Vec<Vec<f32>> = (0..copies(n * k * 4))
-            .map(|_| (0..n * k).map(|_| rng.random_range(-0.05f32..0.05)).collect())
+            .map(|_| {
+                (0..n * k)
+                    .map(|_| rng.random_range(-0.05f32..0.05))
+                    .collect()
+            })
             .collect();
         let q4: Vec<(Q4Kind, Vec<Q4Data>)> = kinds
             .iter()
             .map(|&kind| {
                 let bytes = n * k / 2 + n * k / args.group * 4;
-                (kind, (0..copies(bytes)).map(|_| Q4Data::random(&mut rng, kind, n, k, args.group)).collect())
+                (
+                    kind,
+                    (0..copies(bytes))
+                        .map(|_| Q4Data::random(&mut rng, kind, n, k, args.group))
+                        .collect(),
+                )
             })
             .collect();
         for (j, &m) in ms.iter().enumerate() {
@@ -207,14 +243,43 @@ fn kernels_in_pool(
                 linear(&x, m, &w, None, &mut y)
             })?;
             let dense_median = dense_times[dense_times.len() / 2];
-            results.push(measurement(k, n, m, "f32", n * k * 4, act_bytes, flops, &dense_times, dense_median));
+            results.push(measurement(
+                k,
+                n,
+                m,
+                "f32",
+                n * k * 4,
+                act_bytes,
+                flops,
+                &dense_times,
+                dense_median,
+            ));
             for (kind, copies) in &q4 {
-                let views = copies.iter().map(|d| d.view(*kind, n, k, args.group)).collect::<Result<Vec<_>>>()?;
+                let views = copies
+                    .iter()
+                    .map(|d| d.view(*kind, n, k, args.group))
+                    .collect::<Result<Vec<_>>>()?;
                 let times = time_runs(args.seconds, |run| {
-                    linear(&x, m, &LinearWeights::Q4(views[run % views.len()]), None, &mut y)
+                    linear(
+                        &x,
+                        m,
+                        &LinearWeights::Q4(views[run % views.len()]),
+                        None,
+                        &mut y,
+                    )
                 })?;
                 let bytes = views[0].nbytes();
-                results.push(measurement(k, n, m, kind.name(), bytes, act_bytes, flops, &times, dense_median));
+                results.push(measurement(
+                    k,
+                    n,
+                    m,
+                    kind.name(),
+                    bytes,
+                    act_bytes,
+                    flops,
+                    &times,
+                    dense_median,
+                ));
             }
         }
     }
@@ -228,7 +293,11 @@ fn kernels_in_pool(
         results,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Error::invalid("report", e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::invalid("report", e.to_string()))?
+        );
     } else {
         print_kernel_table(&report);
     }
@@ -271,10 +340,24 @@ fn print_kernel_table(report: &KernelReport) {
     );
     println!(
         "weights {} | measured read bandwidth {:.1} GB/s",
-        if report.streamed { "streamed from memory (rotating copies)" } else { "cache-resident (--hot)" },
+        if report.streamed {
+            "streamed from memory (rotating copies)"
+        } else {
+            "cache-resident (--hot)"
+        },
         report.read_bandwidth_gbps
     );
-    let mut table = Table::new(&["K x N", "M", "weights", "median ms", "min-max ms", "GB/s", "% read bw", "GFLOP/s", "vs f32"]);
+    let mut table = Table::new(&[
+        "K x N",
+        "M",
+        "weights",
+        "median ms",
+        "min-max ms",
+        "GB/s",
+        "% read bw",
+        "GFLOP/s",
+        "vs f32",
+    ]);
     for r in &report.results {
         table.row(vec![
             format!("{}x{}", r.k, r.n),
@@ -303,9 +386,13 @@ impl Q4Data {
         let groups = n * k / group;
         Q4Data {
             packed: (0..n * k / 2).map(|_| rng.random()).collect(),
-            scales: (0..groups).map(|_| f16::from_f32(rng.random_range(0.001..0.01))).collect(),
+            scales: (0..groups)
+                .map(|_| f16::from_f32(rng.random_range(0.001..0.01)))
+                .collect(),
             offsets: if kind.has_offsets() {
-                (0..groups).map(|_| f16::from_f32(rng.random_range(-0.08..0.0))).collect()
+                (0..groups)
+                    .map(|_| f16::from_f32(rng.random_range(-0.08..0.0)))
+                    .collect()
             } else {
                 Vec::new()
             },

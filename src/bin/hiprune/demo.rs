@@ -51,7 +51,11 @@ const LAYERS: [(&str, &str); 4] = [
 /// heavy tails of trained transformer weights.
 fn weight_sample(rng: &mut StdRng, std: f32) -> f32 {
     let s: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866;
-    let outlier = if rng.random_range(0..1000) == 0 { 8.0 } else { 1.0 };
+    let outlier = if rng.random_range(0..1000) == 0 {
+        8.0
+    } else {
+        1.0
+    };
     s * std * outlier
 }
 
@@ -63,27 +67,55 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse().ok().filter(|&m| m > 0))
         .collect::<Option<_>>()
-        .ok_or_else(|| Error::invalid("--m", format!("`{}` is not a list of positive integers", args.m)))?;
+        .ok_or_else(|| {
+            Error::invalid(
+                "--m",
+                format!("`{}` is not a list of positive integers", args.m),
+            )
+        })?;
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(args.seed);
     eprintln!("[1/4] generating a seeded {n}x{k} layer ...");
     let weight: Vec<f32> = (0..n * k).map(|_| weight_sample(&mut rng, 0.02)).collect();
     let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect();
 
-    eprintln!("[2/4] quantising to INT4 (round-to-nearest, then with the clipping search) and NF4 ...");
+    eprintln!(
+        "[2/4] quantising to INT4 (round-to-nearest, then with the clipping search) and NF4 ..."
+    );
     let t = Instant::now();
-    let opts = Int4Options { group: args.group, ..Int4Options::default() };
+    let opts = Int4Options {
+        group: args.group,
+        ..Int4Options::default()
+    };
     let int4 = quantize_int4(&weight, n, k, &opts)?;
-    let int4_clip = quantize_int4(&weight, n, k, &Int4Options { clip_search: true, ..opts })?;
+    let int4_clip = quantize_int4(
+        &weight,
+        n,
+        k,
+        &Int4Options {
+            clip_search: true,
+            ..opts
+        },
+    )?;
     let nf4 = quantize_nf4(&weight, n, k, args.group)?;
     let quant_s = t.elapsed().as_secs_f64();
 
     let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let path = args.keep.clone().unwrap_or_else(|| dir.path().join("demo.hpk"));
+    let path = args
+        .keep
+        .clone()
+        .unwrap_or_else(|| dir.path().join("demo.hpk"));
     eprintln!("[3/4] writing {} ...", path.display());
     let mut writer = PackageWriter::create(&path)?;
     let weight_f16: Vec<f16> = weight.iter().map(|&w| f16::from_f32(w)).collect();
-    writer.add_dense_layer(LAYERS[0].1, Precision::F16, n, k, bytemuck::cast_slice(&weight_f16), Some(&bias))?;
+    writer.add_dense_layer(
+        LAYERS[0].1,
+        Precision::F16,
+        n,
+        k,
+        bytemuck::cast_slice(&weight_f16),
+        Some(&bias),
+    )?;
     writer.add_q4_layer(LAYERS[1].1, &int4, Some(&bias))?;
     writer.add_q4_layer(LAYERS[2].1, &int4_clip, Some(&bias))?;
     writer.add_q4_layer(LAYERS[3].1, &nf4, Some(&bias))?;
@@ -92,10 +124,17 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         source: format!("generated {n}x{k} layer, seed {}", args.seed),
         source_bytes: (n * k * 4) as u64,
         tool_version: hiprune::VERSION.to_string(),
-        quantizer: format!("int4 rtn-asymmetric g{0}, int4 clip-search g{0}, nf4 b{0}", args.group),
+        quantizer: format!(
+            "int4 rtn-asymmetric g{0}, int4 clip-search g{0}, nf4 b{0}",
+            args.group
+        ),
         ..Provenance::default()
     };
-    writer.finish(PackageInfo { architecture: None, kept_blocks: Vec::new(), provenance })?;
+    writer.finish(PackageInfo {
+        architecture: None,
+        kept_blocks: Vec::new(),
+        provenance,
+    })?;
 
     eprintln!("[4/4] mapping the package and running the kernels ...");
     let package = Package::open(&path)?;
@@ -103,9 +142,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let mut layers = Vec::new();
     for (label, name) in LAYERS {
         let weights = match package.layer(name)?.precision {
-            Precision::F16 => {
-                LinearWeights::dense(DenseData::F16(package.dense_weight(name)?.f16_slice()?), n, k)?
-            }
+            Precision::F16 => LinearWeights::dense(
+                DenseData::F16(package.dense_weight(name)?.f16_slice()?),
+                n,
+                k,
+            )?,
             _ => LinearWeights::Q4(package.q4_layer(name)?),
         };
         let layer_bias = package.bias(name)?.map(|b| b.to_f32_vec()).transpose()?;
@@ -123,9 +164,17 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     let mut table = Table::new(&header_refs);
     let f32_bytes = (n * k + n) * 4;
-    let mut rows: Vec<Vec<String>> = vec![vec!["f32 (original)".into(), human_bytes(f32_bytes as u64), "1.00x".into()]];
+    let mut rows: Vec<Vec<String>> = vec![vec![
+        "f32 (original)".into(),
+        human_bytes(f32_bytes as u64),
+        "1.00x".into(),
+    ]];
     rows.extend(layers.iter().map(|(label, _, _, bytes)| {
-        vec![label.to_string(), human_bytes(*bytes), format!("{:.2}x smaller", f32_bytes as f64 / *bytes as f64)]
+        vec![
+            label.to_string(),
+            human_bytes(*bytes),
+            format!("{:.2}x smaller", f32_bytes as f64 / *bytes as f64),
+        ]
     }));
     let mut errors = vec![0.0f64; layers.len()];
     for &m in &ms {
@@ -148,7 +197,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     rows.into_iter().for_each(|r| table.row(r));
 
-    println!("hiprune demo: one {n}x{k} linear layer (SD3.5 Large FFN shape), group {}", args.group);
+    println!(
+        "hiprune demo: one {n}x{k} linear layer (SD3.5 Large FFN shape), group {}",
+        args.group
+    );
     println!(
         "cpu: {} | threads: {} | quantisation took {quant_s:.1} s | package {} ({})",
         cpu_model(),
@@ -157,14 +209,21 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         path.display()
     );
     print!("{}", table.render());
-    println!("(output rel. error = ||y - y_f32|| / ||y_f32|| on random inputs; total {:.1} s)", started.elapsed().as_secs_f64());
+    println!(
+        "(output rel. error = ||y - y_f32|| / ||y_f32|| on random inputs; total {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 /// Stored bytes of one layer (weight, scales, offsets, bias).
 fn package_layer_bytes(package: &Package, layer: &str) -> Result<u64> {
     let entry = package.layer(layer)?;
-    entry.tensor_names().iter().map(|t| package.tensor(t).map(|v| v.len() as u64)).sum()
+    entry
+        .tensor_names()
+        .iter()
+        .map(|t| package.tensor(t).map(|v| v.len() as u64))
+        .sum()
 }
 
 /// Median wall time of a few runs after one warm-up run.

@@ -49,12 +49,29 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
     let mut bytes_by_precision = BTreeMap::new();
     for layer in &manifest.layers {
         let names = layer.tensor_names();
-        let bytes: u64 = names.iter().map(|t| package.tensor(t).map(|v| v.len() as u64)).sum::<Result<u64>>()?;
-        let elements = layer.out_features.checked_mul(layer.in_features).ok_or_else(|| {
-            Error::invalid(format!("layer `{}`", layer.name), "out_features x in_features overflows")
-        })?;
-        let dense_f16_bytes = 2 * (elements + if layer.has_bias { layer.out_features } else { 0 });
-        *bytes_by_precision.entry(precision_family(layer.precision).to_string()).or_insert(0) += bytes;
+        let bytes: u64 = names
+            .iter()
+            .map(|t| package.tensor(t).map(|v| v.len() as u64))
+            .sum::<Result<u64>>()?;
+        let elements = layer
+            .out_features
+            .checked_mul(layer.in_features)
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("layer `{}`", layer.name),
+                    "out_features x in_features overflows",
+                )
+            })?;
+        let dense_f16_bytes = 2
+            * (elements
+                + if layer.has_bias {
+                    layer.out_features
+                } else {
+                    0
+                });
+        *bytes_by_precision
+            .entry(precision_family(layer.precision).to_string())
+            .or_insert(0) += bytes;
         layer_tensors.extend(names);
         layers.push(LayerInfo {
             name: layer.name.clone(),
@@ -67,7 +84,11 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
     }
     let mut other_tensor_bytes = 0u64;
     let mut other_f16_bytes = 0u64;
-    for entry in manifest.tensors.iter().filter(|t| !layer_tensors.contains(&t.name)) {
+    for entry in manifest
+        .tensors
+        .iter()
+        .filter(|t| !layer_tensors.contains(&t.name))
+    {
         let bytes = package.tensor(&entry.name)?.len() as u64;
         other_tensor_bytes += bytes;
         other_f16_bytes += bytes * 2 / entry.dtype.size().max(1) as u64;
@@ -75,7 +96,9 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
     let tensor_bytes = layers.iter().map(|l| l.bytes).sum::<u64>() + other_tensor_bytes;
     let dense_f16_bytes = layers.iter().map(|l| l.dense_f16_bytes).sum::<u64>() + other_f16_bytes;
     let removed_blocks = match &manifest.architecture {
-        Some(arch) => (0..arch.num_layers as u32).filter(|b| !manifest.kept_blocks.contains(b)).collect(),
+        Some(arch) => (0..arch.num_layers as u32)
+            .filter(|b| !manifest.kept_blocks.contains(b))
+            .collect(),
         None => Vec::new(),
     };
     let report = InspectReport {
@@ -95,7 +118,8 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
         checksums_verified: verify,
     };
     if json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid("report", e.to_string()))?;
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::invalid("report", e.to_string()))?;
         println!("{text}");
     } else {
         print_report(&report);
@@ -114,7 +138,12 @@ fn precision_family(p: Precision) -> &'static str {
 }
 
 fn print_report(r: &InspectReport) {
-    println!("package: {} ({}, format v{})", r.path, human_bytes(r.file_bytes), r.format_version);
+    println!(
+        "package: {} ({}, format v{})",
+        r.path,
+        human_bytes(r.file_bytes),
+        r.format_version
+    );
     match &r.architecture {
         Some(a) => println!(
             "architecture: MMDiT, {} blocks, D = {} ({} heads x {}), qk_norm {}, dual attention in {:?}",
@@ -129,10 +158,18 @@ fn print_report(r: &InspectReport) {
     }
     if r.architecture.is_some() {
         println!("kept blocks ({}): {:?}", r.kept_blocks.len(), r.kept_blocks);
-        println!("removed blocks ({}): {:?}", r.removed_blocks.len(), r.removed_blocks);
+        println!(
+            "removed blocks ({}): {:?}",
+            r.removed_blocks.len(),
+            r.removed_blocks
+        );
     }
     if !r.provenance.source.is_empty() {
-        println!("source: {} ({})", r.provenance.source, human_bytes(r.provenance.source_bytes));
+        println!(
+            "source: {} ({})",
+            r.provenance.source,
+            human_bytes(r.provenance.source_bytes)
+        );
     }
     if !r.provenance.quantizer.is_empty() {
         println!("quantiser: {}", r.provenance.quantizer);
@@ -144,7 +181,10 @@ fn print_report(r: &InspectReport) {
             l.precision.clone(),
             format!("{} x {}", l.out_features, l.in_features),
             human_bytes(l.bytes),
-            format!("{:.2}x smaller", l.dense_f16_bytes as f64 / l.bytes.max(1) as f64),
+            format!(
+                "{:.2}x smaller",
+                l.dense_f16_bytes as f64 / l.bytes.max(1) as f64
+            ),
         ]);
     }
     print!("{}", table.render());
@@ -157,6 +197,10 @@ fn print_report(r: &InspectReport) {
         human_bytes(r.tensor_bytes),
         human_bytes(r.dense_f16_bytes),
         100.0 * r.reduction_vs_f16,
-        if r.checksums_verified { "; all checksums verified" } else { "" }
+        if r.checksums_verified {
+            "; all checksums verified"
+        } else {
+            ""
+        }
     );
 }
