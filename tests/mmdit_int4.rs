@@ -47,9 +47,12 @@ fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Seeded weights: (linear layers [n, k] with biases, plain tensors).
+/// A generated linear layer: name, n, k, weight [n, k], bias [n].
+type Layer = (String, usize, usize, Vec<f32>, Vec<f32>);
+
+/// Seeded weights: linear layers and plain tensors.
 struct Generated {
-    linears: Vec<(String, usize, usize, Vec<f32>, Vec<f32>)>,
+    linears: Vec<Layer>,
     plain: Vec<(String, Vec<usize>, Vec<f32>)>,
 }
 
