@@ -1,5 +1,19 @@
-//! The MMDiT model description (diffusers' `SD3Transformer2DModel`).
+//! The MMDiT model (diffusers' `SD3Transformer2DModel`): configuration, weights,
+//! run-time pruning, the forward pass and the flow-matching sampler.
 
+mod block;
 pub mod config;
+mod inputs;
+pub mod layout;
+pub mod mmdit;
+pub mod prune;
+pub mod sampler;
+pub mod tensor;
+pub mod weights;
 
 pub use config::MmditConfig;
+pub use mmdit::{Mmdit, MmditInputs};
+pub use prune::{BlockMask, PruneSpec};
+pub use sampler::{SampleOptions, flow_match_schedule, sample};
+pub use tensor::{Tensor, TensorFile, write_tensors};
+pub use weights::{MemoryTensor, Weights};

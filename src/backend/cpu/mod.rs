@@ -2,12 +2,14 @@
 //! place on the packed weights, dense layers through the `gemm` crate, threads over
 //! output rows (rayon).
 
+pub mod attention;
 pub mod gemv;
 pub mod int8;
 #[cfg(target_arch = "x86_64")]
 mod int8_x86;
 pub mod linear;
 pub mod membw;
+pub mod ops;
 mod panel;
 pub mod path;
 #[cfg(target_arch = "x86_64")]

@@ -2,8 +2,10 @@
 
 mod bench;
 mod demo;
+mod forward;
 mod inspect;
 mod report;
+mod sample;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +45,10 @@ enum Command {
     /// Quantise a generated SD3.5-shaped layer to INT4 and NF4, package it, load the
     /// package and run it against the dense original.
     Demo(demo::DemoArgs),
+    /// Run one transformer forward pass on inputs from a safetensors file.
+    Forward(forward::ForwardArgs),
+    /// Sample a latent with the flow-matching Euler loop.
+    Sample(sample::SampleArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +67,8 @@ fn main() -> ExitCode {
         } => inspect::run(&package, json, verify),
         Command::Bench { what } => bench::run(what),
         Command::Demo(args) => demo::run(&args),
+        Command::Forward(args) => forward::run(&args),
+        Command::Sample(args) => sample::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

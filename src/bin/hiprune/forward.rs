@@ -1,0 +1,83 @@
+//! `hiprune forward`: one transformer forward pass on inputs from a safetensors file.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use hiprune::model::{Mmdit, MmditInputs, PruneSpec, TensorFile, write_tensors};
+use hiprune::{Error, Result};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendChoice {
+    /// f32 on the CPU.
+    Cpu,
+    /// f16 on a CUDA GPU (builds with the `cuda` feature).
+    Cuda,
+}
+
+/// Model options shared by `forward` and `sample`.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A diffusers transformer folder (config.json + safetensors) or an .hpk package.
+    pub model: PathBuf,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendChoice,
+    /// Original indices of blocks to skip, comma-separated (e.g. `3,5`).
+    #[arg(long, default_value = "")]
+    pub remove_blocks: String,
+}
+
+impl ModelArgs {
+    /// Loads the model with the extra removed blocks.
+    pub fn load(&self) -> Result<Mmdit> {
+        if let BackendChoice::Cuda = self.backend {
+            return Err(Error::Unsupported {
+                what: "--backend cuda: this hiprune was not built with CUDA (build with --features cuda)"
+                    .to_string(),
+            });
+        }
+        let extra = PruneSpec::parse_block_list(&self.remove_blocks)?;
+        let mut model = Mmdit::load(&self.model)?;
+        if !extra.is_empty() {
+            let mut spec = model.prune_spec().clone();
+            spec.removed_blocks.extend(extra);
+            model.set_prune(spec)?;
+        }
+        Ok(model)
+    }
+}
+
+/// Options of `hiprune forward`.
+#[derive(Args)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// safetensors file with `hidden_states` [B,C,H,W], `encoder_hidden_states` [B,T,J],
+    /// `pooled_projections` [B,P] and `timestep` [B].
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Output safetensors file; receives `output` [B,C,H,W] (f32).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+/// Runs `hiprune forward`.
+pub fn run(args: &ForwardArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let inputs = TensorFile::open(&args.inputs)?;
+    let out = model.forward(&MmditInputs {
+        hidden_states: inputs.get("hidden_states")?,
+        encoder_hidden_states: inputs.get("encoder_hidden_states")?,
+        pooled_projections: inputs.get("pooled_projections")?,
+        timestep: inputs.get("timestep")?,
+    })?;
+    write_tensors(&args.output, &[("output", &out)])?;
+    report_written(&args.output);
+    Ok(())
+}
+
+/// Logs where the result went.
+pub fn report_written(path: &Path) {
+    log::info!("wrote {}", path.display());
+}

@@ -1,0 +1,364 @@
+//! [`Weights`]: the tensors of an MMDiT transformer by their diffusers names (original
+//! block indices), from a diffusers folder (one or sharded safetensors files, F32/F16/
+//! BF16, memory-mapped), from an `.hpk` [`Package`], or from memory.
+//!
+//! Linear layers are handed out as [`LinearWeights`] views without copying: dense
+//! views straight into the memory map (a tensor whose bytes are not aligned for its
+//! element type is copied once at load), or the package's 4-bit layers. Other tensors
+//! (biases, the patch convolution, the positional table, qk-norm weights) are read as
+//! f32 copies.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::backend::cpu::{DenseData, LinearWeights};
+use crate::error::{Error, Result};
+use crate::format::{Dtype, Package};
+use crate::model::tensor::{Tensor, floats_to_f32};
+use crate::quant::Q4Matrix;
+
+/// Name of a single-file diffusers checkpoint.
+pub const SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
+/// Name of the index of a sharded diffusers checkpoint.
+pub const SHARD_INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
+
+/// A tensor given in memory to [`Weights::from_memory`].
+#[derive(Debug, Clone)]
+pub enum MemoryTensor {
+    /// A dense f32 tensor (a linear weight is `[N, K]`).
+    F32(Tensor),
+    /// A 4-bit linear weight (the layer's `.weight`).
+    Q4(Q4Matrix),
+}
+
+enum Entry {
+    Mapped {
+        file: usize,
+        start: usize,
+        end: usize,
+        dtype: StDtype,
+        shape: Vec<usize>,
+    },
+    Packaged,
+    F32(Tensor),
+    Q4(Q4Matrix),
+}
+
+enum Source {
+    Files(Vec<Mmap>),
+    Package(Box<Package>),
+    Memory,
+}
+
+/// The weights of one model, looked up by diffusers tensor name.
+pub struct Weights {
+    source: Source,
+    entries: HashMap<String, Entry>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match &self.source {
+            Source::Files(m) => format!("{} safetensors file(s)", m.len()),
+            Source::Package(p) => format!("package {}", p.path().display()),
+            Source::Memory => "memory".to_string(),
+        };
+        f.debug_struct("Weights")
+            .field("source", &source)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and owned by `Weights`; like `Package`, soundness
+    // rests on the checkpoint not being truncated or rewritten in place while loaded
+    // (the documented contract of `Weights::from_folder`).
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+fn is_aligned(bytes: &[u8], dtype: StDtype) -> bool {
+    let align = match dtype {
+        StDtype::F32 => 4,
+        StDtype::F16 | StDtype::BF16 => 2,
+        _ => 1,
+    };
+    (bytes.as_ptr() as usize).is_multiple_of(align)
+}
+
+impl Weights {
+    /// Loads a diffusers transformer folder: `diffusion_pytorch_model.safetensors`, or
+    /// the shards listed by `diffusion_pytorch_model.safetensors.index.json`. The files
+    /// are memory-mapped and must not be modified in place while loaded.
+    pub fn from_folder(dir: impl AsRef<Path>) -> Result<Weights> {
+        let dir = dir.as_ref();
+        let index = dir.join(SHARD_INDEX);
+        let (files, weight_map): (Vec<PathBuf>, Option<HashMap<String, String>>) =
+            if index.is_file() {
+                let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+                let json: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::InvalidHeader {
+                        path: index.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let map: HashMap<String, String> = json
+                    .get("weight_map")
+                    .cloned()
+                    .and_then(|v| serde_json::from_value(v).ok())
+                    .ok_or_else(|| Error::InvalidHeader {
+                        path: index.clone(),
+                        reason: "no `weight_map` object of tensor name to file name".to_string(),
+                    })?;
+                let names: BTreeSet<&String> = map.values().collect();
+                for n in &names {
+                    if n.contains('/') || n.contains('\\') || n.as_str() == ".." {
+                        return Err(Error::InvalidHeader {
+                            path: index.clone(),
+                            reason: format!("shard name `{n}` is not a plain file name"),
+                        });
+                    }
+                }
+                let files = names.iter().map(|n| dir.join(n)).collect();
+                (files, Some(map))
+            } else {
+                (vec![dir.join(SINGLE_FILE)], None)
+            };
+        let mut maps = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        let mut owner: HashMap<String, PathBuf> = HashMap::new();
+        for (fi, path) in files.iter().enumerate() {
+            let mmap = map_file(path)?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::InvalidHeader {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let base = mmap.as_ptr() as usize;
+            for (name, view) in st.iter() {
+                let bytes = view.data();
+                let entry = if is_aligned(bytes, view.dtype()) {
+                    let start = bytes.as_ptr() as usize - base;
+                    Entry::Mapped {
+                        file: fi,
+                        start,
+                        end: start + bytes.len(),
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                    }
+                } else {
+                    let data = floats_to_f32(name, view.dtype(), bytes)?;
+                    Entry::F32(Tensor::new(data, view.shape().to_vec())?)
+                };
+                if owner.insert(name.to_string(), path.clone()).is_some() {
+                    return Err(Error::InvalidHeader {
+                        path: path.clone(),
+                        reason: format!("tensor `{name}` is stored in two shards"),
+                    });
+                }
+                entries.insert(name.to_string(), entry);
+            }
+            drop(st);
+            maps.push(mmap);
+        }
+        if let Some(map) = weight_map {
+            for (name, file) in map {
+                match owner.get(&name) {
+                    Some(p) if p.file_name().is_some_and(|f| f == file.as_str()) => {}
+                    _ => return Err(Error::MissingTensor { tensor: name }),
+                }
+            }
+        }
+        Ok(Weights {
+            source: Source::Files(maps),
+            entries,
+        })
+    }
+
+    /// Uses an opened package: its layers keep the precision of the manifest.
+    pub fn from_package(package: Package) -> Weights {
+        let entries = package
+            .tensor_names()
+            .map(|n| (n.to_string(), Entry::Packaged))
+            .chain(
+                package
+                    .manifest()
+                    .layers
+                    .iter()
+                    .map(|l| (format!("{}.weight", l.name), Entry::Packaged)),
+            )
+            .collect();
+        Weights {
+            source: Source::Package(Box::new(package)),
+            entries,
+        }
+    }
+
+    /// Weights held in memory, by tensor name (a 4-bit linear weight under
+    /// `<layer>.weight`).
+    pub fn from_memory(tensors: HashMap<String, MemoryTensor>) -> Weights {
+        let entries = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let e = match t {
+                    MemoryTensor::F32(t) => Entry::F32(t),
+                    MemoryTensor::Q4(q) => Entry::Q4(q),
+                };
+                (n, e)
+            })
+            .collect();
+        Weights {
+            source: Source::Memory,
+            entries,
+        }
+    }
+
+    /// The package these weights come from, if any.
+    pub fn package(&self) -> Option<&Package> {
+        match &self.source {
+            Source::Package(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Whether a tensor named `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+        })
+    }
+
+    fn mapped_bytes(&self, file: usize, start: usize, end: usize) -> &[u8] {
+        match &self.source {
+            Source::Files(maps) => &maps[file][start..end],
+            _ => &[],
+        }
+    }
+
+    /// The linear layer `layer` (its `<layer>.weight`) as a `[n, k]` view, checked
+    /// against the expected shape.
+    pub fn linear(&self, layer: &str, n: usize, k: usize) -> Result<LinearWeights<'_>> {
+        let name = format!("{layer}.weight");
+        let mismatch = |found: Vec<usize>| Error::ShapeMismatch {
+            tensor: name.clone(),
+            expected: vec![n, k],
+            found,
+        };
+        let w = match self.entry(&name)? {
+            Entry::Mapped {
+                file,
+                start,
+                end,
+                dtype,
+                shape,
+            } => {
+                if shape.as_slice() != [n, k] {
+                    return Err(mismatch(shape.clone()));
+                }
+                let bytes = self.mapped_bytes(*file, *start, *end);
+                let data = dense_from_bytes(&name, *dtype, bytes)?;
+                LinearWeights::dense(data, n, k)?
+            }
+            Entry::F32(t) => {
+                if t.shape.as_slice() != [n, k] {
+                    return Err(mismatch(t.shape.clone()));
+                }
+                LinearWeights::dense(DenseData::F32(&t.data), n, k)?
+            }
+            Entry::Q4(q) => LinearWeights::Q4(q.view()?),
+            Entry::Packaged => {
+                let Some(p) = self.package() else {
+                    return Err(Error::MissingTensor { tensor: name });
+                };
+                match p.layer(layer).ok().map(|l| l.precision) {
+                    Some(prec) if prec.q4().is_some() => LinearWeights::Q4(p.q4_layer(layer)?),
+                    _ => {
+                        let view = p.tensor(&name)?;
+                        if view.shape() != [n, k] {
+                            return Err(mismatch(view.shape().to_vec()));
+                        }
+                        let data = match view.dtype() {
+                            Dtype::F32 => DenseData::F32(view.f32_slice()?),
+                            Dtype::F16 => DenseData::F16(view.f16_slice()?),
+                            Dtype::Bf16 => DenseData::Bf16(view.bf16_slice()?),
+                            Dtype::U8 => return Err(float_dtype_error(&name, "U8")),
+                        };
+                        LinearWeights::dense(data, n, k)?
+                    }
+                }
+            }
+        };
+        if w.n() != n || w.k() != k {
+            return Err(mismatch(vec![w.n(), w.k()]));
+        }
+        Ok(w)
+    }
+
+    /// A copy of the tensor `name` as f32, checked against `shape`.
+    pub fn f32_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (data, found) = match self.entry(name)? {
+            Entry::Mapped {
+                file,
+                start,
+                end,
+                dtype,
+                shape,
+            } => (
+                floats_to_f32(name, *dtype, self.mapped_bytes(*file, *start, *end))?,
+                shape.clone(),
+            ),
+            Entry::F32(t) => (t.data.clone(), t.shape.clone()),
+            Entry::Q4(_) => return Err(float_dtype_error(name, "4-bit")),
+            Entry::Packaged => {
+                let p = self.package().ok_or_else(|| Error::MissingTensor {
+                    tensor: name.to_string(),
+                })?;
+                let view = p.tensor(name)?;
+                (view.to_f32_vec()?, view.shape().to_vec())
+            }
+        };
+        if found != shape {
+            return Err(Error::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        Ok(data)
+    }
+}
+
+fn float_dtype_error(name: &str, found: &str) -> Error {
+    Error::DtypeMismatch {
+        tensor: name.to_string(),
+        expected: "F32, F16 or BF16".to_string(),
+        found: found.to_string(),
+    }
+}
+
+fn dense_from_bytes<'a>(name: &str, dtype: StDtype, bytes: &'a [u8]) -> Result<DenseData<'a>> {
+    let misaligned = |align| Error::Misaligned {
+        tensor: name.to_string(),
+        align,
+    };
+    Ok(match dtype {
+        StDtype::F32 => {
+            DenseData::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).map_err(|_| misaligned(4))?)
+        }
+        StDtype::F16 => {
+            DenseData::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).map_err(|_| misaligned(2))?)
+        }
+        StDtype::BF16 => {
+            DenseData::Bf16(bytemuck::try_cast_slice::<u8, bf16>(bytes).map_err(|_| misaligned(2))?)
+        }
+        other => return Err(float_dtype_error(name, &format!("{other:?}"))),
+    })
+}

@@ -1,0 +1,173 @@
+//! The `hiprune forward` and `hiprune sample` commands on the fixture models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hiprune::model::{Tensor, TensorFile, write_tensors};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mmdit")
+        .join(name)
+}
+
+fn hiprune(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hiprune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    let max_ref = b.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_err = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    max_err / max_ref
+}
+
+fn forward(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "forward".as_ref(),
+        model.as_os_str(),
+        "--inputs".as_ref(),
+        inputs.as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    hiprune(&args)
+}
+
+#[test]
+fn forward_writes_the_diffusers_output() {
+    let dir = tempfile::tempdir().unwrap();
+    for (folder, extra, name) in [
+        ("sd3", &[][..], "output"),
+        ("mmditx", &["--remove-blocks", "1"][..], "output_removed_1"),
+        (
+            "sd35",
+            &["--backend", "cpu", "--remove-blocks", "3"][..],
+            "output_removed_last",
+        ),
+    ] {
+        let out = dir.path().join(format!("{folder}.safetensors"));
+        let res = forward(
+            &fixture(folder),
+            &fixture(folder).join("inputs.safetensors"),
+            &out,
+            extra,
+        );
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let got = TensorFile::open(&out).unwrap();
+        let want = TensorFile::open(fixture(folder).join("outputs.safetensors")).unwrap();
+        let err = rel_err(got.get("output").unwrap(), want.get(name).unwrap());
+        assert!(err <= 1e-4, "{folder}/{name}: {err}");
+    }
+    // Only the output file is left in the folder (no temp files).
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
+
+#[test]
+fn forward_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let inputs = fixture("sd3").join("inputs.safetensors");
+
+    let res = forward(&fixture("sd3"), &inputs, &out, &["--backend", "cuda"]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("not built with CUDA"));
+
+    // An input file without `timestep`.
+    let src = TensorFile::open(&inputs).unwrap();
+    let partial = dir.path().join("partial.safetensors");
+    let names = [
+        "hidden_states",
+        "encoder_hidden_states",
+        "pooled_projections",
+    ];
+    let tensors: Vec<(&str, &Tensor)> = names.iter().map(|n| (*n, src.get(n).unwrap())).collect();
+    write_tensors(&partial, &tensors).unwrap();
+    let res = forward(&fixture("sd3"), &partial, &out, &[]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("`timestep`"));
+
+    // A block index outside the model.
+    let res = forward(&fixture("sd3"), &inputs, &out, &["--remove-blocks", "9"]);
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("block 9"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn sample_writes_the_diffusers_latent() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = fixture("sd35").join("sample_inputs.safetensors");
+    let src = TensorFile::open(&inputs).unwrap();
+    let init = dir.path().join("init.safetensors");
+    write_tensors(&init, &[("latent", src.get("latent_init").unwrap())]).unwrap();
+    let out = dir.path().join("latent.safetensors");
+    let res = hiprune(&[
+        "sample".as_ref(),
+        fixture("sd35").as_os_str(),
+        "--inputs".as_ref(),
+        inputs.as_os_str(),
+        "--steps".as_ref(),
+        "4".as_ref(),
+        "--guidance".as_ref(),
+        "4.5".as_ref(),
+        "--init-latent".as_ref(),
+        init.as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    assert!(stderr.contains("step 4/4"), "{stderr}");
+    let got = TensorFile::open(&out).unwrap();
+    let want = TensorFile::open(fixture("sd35").join("sample_outputs.safetensors")).unwrap();
+    let err = rel_err(
+        got.get("latent").unwrap(),
+        want.get("latent_final_cfg").unwrap(),
+    );
+    assert!(err <= 1e-4, "{err}");
+}
+
+#[test]
+fn sample_from_a_seed_has_the_requested_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = fixture("sd35").join("sample_inputs.safetensors");
+    let out = dir.path().join("latent.safetensors");
+    let res = hiprune(&[
+        "sample".as_ref(),
+        fixture("sd35").as_os_str(),
+        "--inputs".as_ref(),
+        inputs.as_os_str(),
+        "--steps".as_ref(),
+        "2".as_ref(),
+        "--seed".as_ref(),
+        "5".as_ref(),
+        "--height".as_ref(),
+        "6".as_ref(),
+        "--width".as_ref(),
+        "10".as_ref(),
+        "--output".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let got = TensorFile::open(&out).unwrap();
+    let latent = got.get("latent").unwrap();
+    assert_eq!(latent.shape, vec![1, 4, 6, 10]);
+    assert!(latent.data.iter().all(|v| v.is_finite()));
+}
