@@ -15,7 +15,9 @@
 //!   and validated before any tensor is handed out, and written atomically.
 //! - [`backend`]: compute backends; the CPU backend runs fused dequant-GEMV/GEMM kernels
 //!   directly on the package's memory map.
-//! - [`model`]: the MMDiT architecture description.
+//! - [`model`]: the MMDiT transformer (SD3, SD3.5 Large, SD3.5 Medium / MMDiT-X): its
+//!   configuration, weights from a diffusers folder or a package, the position-pruned
+//!   forward pass and the flow-matching Euler sampler.
 //!
 //! Every fallible function returns [`Result`]; the library never panics on bad input.
 
