@@ -124,6 +124,20 @@ pub fn check_q4_dims(kind: Q4Kind, layer: &str, k: usize, group: usize) -> Resul
     Ok(())
 }
 
+/// Checks that a dense weight buffer `w` holds `n * k` values with `n >= 1`.
+pub(crate) fn check_weight_len(w: &[f32], n: usize, k: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid("weights", "N (rows) must be at least 1"));
+    }
+    let total = n
+        .checked_mul(k)
+        .ok_or_else(|| Error::invalid("weights", "N * K overflows"))?;
+    if w.len() != total {
+        return Err(Error::length("weights", total, w.len()));
+    }
+    Ok(())
+}
+
 /// A borrowed 4-bit weight matrix `W [N, K]`, for example a zero-copy view into a
 /// package's memory map. Constructed only through [`Q4Weights::new`], which checks every
 /// length, so kernels can index without further checks.

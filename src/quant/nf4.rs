@@ -11,7 +11,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::{NF4_CODEBOOK, Q4Kind, Q4Matrix, check_q4_dims};
+use super::{NF4_CODEBOOK, Q4Kind, Q4Matrix, check_q4_dims, check_weight_len};
 use crate::error::{Error, Result};
 
 /// The NF4 block size used when the caller has no preference (bitsandbytes' default).
@@ -126,15 +126,7 @@ pub fn quantize_nf4_row(
 /// overflows f16.
 pub fn quantize_nf4(w: &[f32], n: usize, k: usize, block: usize) -> Result<Q4Matrix> {
     check_q4_dims(Q4Kind::Nf4, "weights", k, block)?;
-    if n == 0 {
-        return Err(Error::invalid("weights", "N (rows) must be at least 1"));
-    }
-    let total = n
-        .checked_mul(k)
-        .ok_or_else(|| Error::invalid("weights", "N * K overflows"))?;
-    if w.len() != total {
-        return Err(Error::length("weights", total, w.len()));
-    }
+    check_weight_len(w, n, k)?;
     let bpr = k / block;
     let mut packed = vec![0u8; n * (k / 2)];
     let mut scales = vec![f16::ZERO; n * bpr];

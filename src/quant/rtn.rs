@@ -31,7 +31,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::{Q4Kind, Q4Matrix, check_q4_dims};
+use super::{Q4Kind, Q4Matrix, check_q4_dims, check_weight_len};
 use crate::error::{Error, Result};
 
 /// Fractions of a group's range by which the asymmetric clip search may move each end
@@ -304,15 +304,7 @@ pub fn quantize_int4_row(
 /// overflows f16.
 pub fn quantize_int4(w: &[f32], n: usize, k: usize, opts: &Int4Options) -> Result<Q4Matrix> {
     check_opts(k, opts)?;
-    if n == 0 {
-        return Err(Error::invalid("weights", "N (rows) must be at least 1"));
-    }
-    let total = n
-        .checked_mul(k)
-        .ok_or_else(|| Error::invalid("weights", "N * K overflows"))?;
-    if w.len() != total {
-        return Err(Error::length("weights", total, w.len()));
-    }
+    check_weight_len(w, n, k)?;
     let gpr = k / opts.group;
     let mut packed = vec![0u8; n * (k / 2)];
     let mut scales = vec![f16::ZERO; n * gpr];

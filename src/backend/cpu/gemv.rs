@@ -17,8 +17,9 @@
 
 use rayon::prelude::*;
 
+use super::linear::check_linear_args;
 use super::path::KernelPath;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quant::Q4Weights;
 
 /// Elements of `K` covered by one chunk of 16 packed bytes.
@@ -70,28 +71,8 @@ pub fn gemv_q4(
     y: &mut [f32],
 ) -> Result<()> {
     let (n, k) = (w.n(), w.k());
-    let x_len = m
-        .checked_mul(k)
-        .ok_or_else(|| Error::invalid("gemv_q4 x", "M * K overflows"))?;
-    if x.len() != x_len {
-        return Err(Error::length("gemv_q4 x [M, K]", x_len, x.len()));
-    }
-    let y_len = m
-        .checked_mul(n)
-        .ok_or_else(|| Error::invalid("gemv_q4 y", "M * N overflows"))?;
-    if y.len() != y_len {
-        return Err(Error::length("gemv_q4 y [M, N]", y_len, y.len()));
-    }
-    if let Some(b) = bias
-        && b.len() != n
-    {
-        return Err(Error::length("gemv_q4 bias [N]", n, b.len()));
-    }
-    if !KernelPath::available().contains(&path) {
-        return Err(Error::Unsupported {
-            what: format!("CPU kernel path `{path}` on this processor"),
-        });
-    }
+    check_linear_args(x, m, n, k, bias, y)?;
+    path.ensure_available()?;
     if m == 0 {
         return Ok(());
     }

@@ -27,6 +27,7 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
+use crate::backend::cpu::linear::check_linear_args;
 use crate::backend::cpu::path::KernelPath;
 use crate::error::{Error, Result};
 use crate::quant::{Q4Kind, Q4Weights};
@@ -269,13 +270,7 @@ pub fn linear_q4_int8(
     y: &mut [f32],
 ) -> Result<()> {
     check_path_and_kind(path, w)?;
-    let len = m
-        .checked_mul(w.k())
-        .ok_or_else(|| Error::invalid("activations", "M * K overflows"))?;
-    if x.len() != len {
-        return Err(Error::length("activations x [M, K]", len, x.len()));
-    }
-    check_outputs(m, w, bias, y)?;
+    check_linear_args(x, m, w.n(), w.k(), bias, y)?;
     let xq = quantize_activations(x, m, w.k())?;
     linear_q4_int8_quantized(path, &xq, w, bias, y)
 }
