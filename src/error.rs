@@ -31,6 +31,17 @@ pub enum Error {
         len: u64,
     },
 
+    /// A file is larger than the cap for its kind.
+    #[error("{path}: {len} bytes exceed the {max}-byte cap for this kind of file")]
+    FileTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
+
     /// The header length field points past the end of the file.
     #[error(
         "{path}: header length {header_len} runs past the end of the {file_len}-byte file (truncated or not a package)"

@@ -24,6 +24,7 @@
 pub mod backend;
 pub mod error;
 pub mod format;
+mod io;
 pub mod model;
 pub mod quant;
 

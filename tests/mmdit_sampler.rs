@@ -135,9 +135,17 @@ fn guidance_without_negative_prompt_is_an_error() {
 
 #[test]
 fn seeded_latent_is_reproducible_and_normal() {
-    let a = initial_latent(vec![1, 4, 33, 17], 7);
-    let b = initial_latent(vec![1, 4, 33, 17], 7);
-    let c = initial_latent(vec![1, 4, 33, 17], 8);
+    let a = initial_latent(vec![1, 4, 33, 17], 7).unwrap();
+    let b = initial_latent(vec![1, 4, 33, 17], 7).unwrap();
+    let c = initial_latent(vec![1, 4, 33, 17], 8).unwrap();
+    assert!(
+        initial_latent(vec![1 << 20, 16, 1 << 20, 1 << 20], 0).is_err(),
+        "overflowing shape"
+    );
+    assert!(
+        initial_latent(vec![1, 16, 8192, 8192], 0).is_err(),
+        "over the cap"
+    );
     assert_eq!(a, b);
     assert_ne!(a, c);
     let n = a.data.len() as f64;

@@ -7,6 +7,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Largest `config.json` accepted (a real one is under 1 KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+/// Cap on every size field of a config (channels, widths, table side): far above any
+/// released model, far below sizes whose buffers would exhaust memory.
+pub const MAX_CONFIG_DIM: usize = 1 << 16;
+/// Cap on `num_layers`.
+pub const MAX_LAYERS: usize = 1024;
+
 /// Architecture of an MMDiT transformer (SD3, SD3.5 Large, SD3.5 Medium / MMDiT-X).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmditConfig {
@@ -87,10 +95,10 @@ impl MmditConfig {
         Ok(cfg)
     }
 
-    /// Reads and parses a `config.json` file ([`from_json`](Self::from_json)).
+    /// Reads and parses a `config.json` file ([`from_json`](Self::from_json)); files
+    /// over [`MAX_CONFIG_FILE_BYTES`] are refused before they are read.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::io::read_text_capped(path.as_ref(), MAX_CONFIG_FILE_BYTES)?;
         Self::from_json(&text)
     }
 
@@ -115,6 +123,18 @@ impl MmditConfig {
             if v == 0 {
                 return Err(config_error(field, "must be at least 1"));
             }
+            if v > MAX_CONFIG_DIM {
+                return Err(config_error(
+                    field,
+                    format!("{v} exceeds the cap of {MAX_CONFIG_DIM} (not a real model)"),
+                ));
+            }
+        }
+        if self.num_layers > MAX_LAYERS {
+            return Err(config_error(
+                "num_layers",
+                format!("{} exceeds the cap of {MAX_LAYERS}", self.num_layers),
+            ));
         }
         let d = self
             .num_attention_heads

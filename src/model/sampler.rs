@@ -74,11 +74,23 @@ pub fn flow_match_schedule(steps: usize, shift: f64) -> Result<Schedule> {
     Ok(Schedule { sigmas, timesteps })
 }
 
+/// Largest seeded latent [`initial_latent`] makes (1 GiB of f32).
+pub const MAX_LATENT_ELEMENTS: usize = 1 << 28;
+
 /// A latent of standard normal values from `seed` (see the module docs: not torch's
-/// generator).
-pub fn initial_latent(shape: Vec<usize>, seed: u64) -> Tensor {
+/// generator). Shapes over [`MAX_LATENT_ELEMENTS`] are an [`Error::InvalidArgument`].
+pub fn initial_latent(shape: Vec<usize>, seed: u64) -> Result<Tensor> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= MAX_LATENT_ELEMENTS)
+        .ok_or_else(|| {
+            Error::invalid(
+                "latent shape",
+                format!("{shape:?} exceeds the cap of {MAX_LATENT_ELEMENTS} elements"),
+            )
+        })?;
     let mut rng = StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
     let mut data = Vec::with_capacity(n + 1);
     while data.len() < n {
         let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
@@ -89,7 +101,7 @@ pub fn initial_latent(shape: Vec<usize>, seed: u64) -> Tensor {
         data.push((r * a.sin()) as f32);
     }
     data.truncate(n);
-    Tensor { data, shape }
+    Ok(Tensor { data, shape })
 }
 
 /// Options of [`sample`].

@@ -92,6 +92,9 @@ fn is_aligned(bytes: &[u8], dtype: StDtype) -> bool {
     (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
+/// Largest shard index json accepted (SD3.5 Large's is about 100 KiB).
+pub const MAX_INDEX_FILE_BYTES: u64 = 64 << 20;
+
 impl Weights {
     /// Loads a diffusers transformer folder: `diffusion_pytorch_model.safetensors`, or
     /// the shards listed by `diffusion_pytorch_model.safetensors.index.json`. The files
@@ -101,7 +104,7 @@ impl Weights {
         let index = dir.join(SHARD_INDEX);
         let (files, weight_map): (Vec<PathBuf>, Option<HashMap<String, String>>) =
             if index.is_file() {
-                let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+                let text = crate::io::read_text_capped(&index, MAX_INDEX_FILE_BYTES)?;
                 let json: serde_json::Value =
                     serde_json::from_str(&text).map_err(|e| Error::InvalidHeader {
                         path: index.clone(),

@@ -81,7 +81,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             let batch = ehs.shape.first().copied().unwrap_or(1);
             let h = args.height.unwrap_or(cfg.sample_size);
             let w = args.width.unwrap_or(cfg.sample_size);
-            initial_latent(vec![batch, cfg.in_channels, h, w], args.seed)
+            initial_latent(vec![batch, cfg.in_channels, h, w], args.seed)?
         }
     };
     let opts = SampleOptions {
