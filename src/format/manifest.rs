@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 use crate::model::MmditConfig;
 use crate::quant::Q4Kind;
 
@@ -217,4 +219,40 @@ pub struct PackageInfo {
     pub kept_blocks: Vec<u32>,
     /// Where the package came from.
     pub provenance: Provenance,
+}
+
+impl Manifest {
+    /// Reads the leading format version of encoded manifest bytes alone:
+    /// [`Error::UnsupportedFormatVersion`] for any version but
+    /// [`FORMAT_VERSION`](crate::format::FORMAT_VERSION), before the rest is decoded.
+    pub fn check_version(bytes: &[u8]) -> Result<()> {
+        let (version, _) =
+            postcard::take_from_bytes::<u32>(bytes).map_err(|e| Error::ManifestCorrupt {
+                reason: format!("cannot read the format version: {e}"),
+            })?;
+        if version != crate::format::FORMAT_VERSION {
+            return Err(Error::UnsupportedFormatVersion {
+                found: version,
+                supported: crate::format::FORMAT_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decodes postcard-encoded manifest bytes (version first, then the whole
+    /// structure, with nothing left over). Checks no rule beyond the encoding; a
+    /// [`Package`](crate::format::Package) checks the manifest against its file.
+    pub fn decode(bytes: &[u8]) -> Result<Manifest> {
+        Self::check_version(bytes)?;
+        let (manifest, rest) =
+            postcard::take_from_bytes::<Manifest>(bytes).map_err(|e| Error::ManifestCorrupt {
+                reason: e.to_string(),
+            })?;
+        if !rest.is_empty() {
+            return Err(Error::ManifestCorrupt {
+                reason: format!("{} bytes follow the encoded manifest", rest.len()),
+            });
+        }
+        Ok(manifest)
+    }
 }

@@ -699,16 +699,7 @@ fn decode_manifest(
     metadata: &BTreeMap<String, String>,
     path: &Path,
 ) -> Result<Manifest> {
-    let (version, _) =
-        postcard::take_from_bytes::<u32>(bytes).map_err(|e| Error::ManifestCorrupt {
-            reason: format!("cannot read the format version: {e}"),
-        })?;
-    if version != FORMAT_VERSION {
-        return Err(Error::UnsupportedFormatVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    Manifest::check_version(bytes)?;
     let recorded = metadata
         .get(MANIFEST_CRC_KEY)
         .ok_or_else(|| not_a_package(path, format!("metadata has no `{MANIFEST_CRC_KEY}` key")))?;
@@ -726,15 +717,7 @@ fn decode_manifest(
             ),
         });
     }
-    let (manifest, rest) =
-        postcard::take_from_bytes::<Manifest>(bytes).map_err(|e| Error::ManifestCorrupt {
-            reason: e.to_string(),
-        })?;
-    if !rest.is_empty() {
-        return Err(Error::ManifestCorrupt {
-            reason: format!("{} bytes follow the encoded manifest", rest.len()),
-        });
-    }
+    let manifest = Manifest::decode(bytes)?;
     Ok(manifest)
 }
 
