@@ -239,6 +239,12 @@ impl Manifest {
         Ok(())
     }
 
+    /// Encodes the manifest with postcard, as a package stores it.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        postcard::to_allocvec(self)
+            .map_err(|e| Error::invalid("manifest", format!("cannot encode: {e}")))
+    }
+
     /// Decodes postcard-encoded manifest bytes (version first, then the whole
     /// structure, with nothing left over). Checks no rule beyond the encoding; a
     /// [`Package`](crate::format::Package) checks the manifest against its file.

@@ -461,8 +461,7 @@ impl PackageWriter {
                 .collect(),
             provenance: info.provenance,
         };
-        let manifest_bytes = postcard::to_allocvec(&manifest)
-            .map_err(|e| Error::invalid("manifest", format!("cannot encode: {e}")))?;
+        let manifest_bytes = manifest.encode()?;
 
         let mut header = Map::new();
         header.insert(

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the seed corpora of the fuzz targets from the repository's small valid files:
+# the MMDiT fixtures and a package written by `hiprune demo`. Run from anywhere.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+corpus="$here/corpus"
+rm -rf "$corpus"
+mkdir -p "$corpus"/{package_open,manifest_decode,checkpoint_folder,inputs_file}
+
+# Packages: a small layer collection from the demo.
+(cd "$root" && cargo run --quiet --release -- demo --n 64 --k 128 --m 1 --keep "$corpus/package_open/demo.hpk" >/dev/null)
+
+python3 - "$root" "$corpus" <<'PY'
+import json, struct, sys, pathlib
+root, corpus = map(pathlib.Path, sys.argv[1:])
+
+def header(path):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return data, json.loads(data[8:8 + n]), 8 + n
+
+# Manifest seeds: the manifest bytes of every seed package.
+for pkg in (corpus / "package_open").glob("*.hpk"):
+    data, head, start = header(pkg)
+    a, b = head["__manifest__"]["data_offsets"]
+    (corpus / "manifest_decode" / (pkg.stem + ".postcard")).write_bytes(data[start + a:start + b])
+
+# Checkpoint seeds: [u16 config len][u16 index len][config][index][shard].
+fixtures = root / "tests" / "fixtures" / "mmdit"
+for name in ["sd3", "sd35", "mmditx", "sd3_f16"]:
+    folder = fixtures / name
+    config = (folder / "config.json").read_bytes()
+    shard = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    _, head, _ = header(folder / "diffusion_pytorch_model.safetensors")
+    index = json.dumps({"metadata": {"total_size": len(shard)},
+                        "weight_map": {t: "a.safetensors" for t in head if t != "__metadata__"}}).encode()
+    for idx, suffix in [(b"", "single"), (index, "indexed")]:
+        seed = struct.pack("<HH", len(config), len(idx)) + config + idx + shard
+        (corpus / "checkpoint_folder" / f"{name}-{suffix}.bin").write_bytes(seed)
+    (corpus / "inputs_file" / f"{name}.safetensors").write_bytes((folder / "inputs.safetensors").read_bytes())
+PY
+echo "seed corpora written under $corpus"
+ls -l "$corpus"/*
