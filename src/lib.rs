@@ -16,11 +16,14 @@
 //! - [`backend`]: compute backends; the CPU backend runs fused dequant-GEMV/GEMM kernels
 //!   directly on the package's memory map.
 //! - [`model`]: the MMDiT architecture description.
+//! - the C interface (`include/hiprune.h`): the `hp_*` functions of the shared and
+//!   static library, implemented in the private `ffi` module.
 //!
 //! Every fallible function returns [`Result`]; the library never panics on bad input.
 
 pub mod backend;
 pub mod error;
+mod ffi;
 pub mod format;
 pub mod model;
 pub mod quant;
