@@ -304,8 +304,8 @@ HP_API hp_status hp_forward(hp_context *ctx, const hp_dims *dims, const float *l
 
 /* Called before each sampling step (step counts from 0) with the step's noise level,
  * on one of the context's worker threads (not necessarily the thread that called
- * hp_sample), one call at a time. It must not call back into hiprune with the same
- * context. Return true to go on, false to stop: hp_sample then returns
+ * hp_sample), one call at a time. Calls on the same context from inside it return
+ * HP_ERR_BUSY. Return true to go on, false to stop: hp_sample then returns
  * HP_ERR_ABORTED. */
 typedef bool (*hp_progress_callback)(uint32_t step, uint32_t steps, float sigma,
                                      void *user_data);
