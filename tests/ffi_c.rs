@@ -28,10 +28,18 @@ fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures/mmdit/sd35").join(name)
 }
 
-/// `target/<profile>`: where cargo put `libhiprune.{a,so}` for this test build.
+/// The folder holding the `libhiprune.{a,so}` of this very test build. Cargo builds
+/// the library's staticlib and cdylib crate types in the same rustc run as the rlib
+/// the tests link, into `target/<profile>/deps/` next to the test executable (only
+/// `cargo build` copies them up to `target/<profile>/`), so look there first.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let deps = exe.parent().unwrap().to_path_buf();
+    let dir = if deps.join("libhiprune.a").is_file() {
+        deps
+    } else {
+        deps.parent().unwrap().to_path_buf()
+    };
     for lib in ["libhiprune.a", "libhiprune.so"] {
         assert!(
             dir.join(lib).is_file(),
