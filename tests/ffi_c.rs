@@ -5,7 +5,8 @@
 //! library exports exactly the header's functions.
 //!
 //! Needs a C compiler (`cc`, `c++`); valgrind is optional here (the test says when it
-//! skips) and installed by `.ci/run`.
+//! skips) and installed by `.ci/run`, which sets `HIPRUNE_REQUIRE_VALGRIND=1` to turn
+//! the skip into a failure.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -384,6 +385,10 @@ fn misuse_returns_documented_codes() {
 #[test]
 fn valgrind_finds_no_errors_or_definite_leaks() {
     if Command::new("valgrind").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("HIPRUNE_REQUIRE_VALGRIND").is_none(),
+            "HIPRUNE_REQUIRE_VALGRIND is set but valgrind is not installed"
+        );
         eprintln!("SKIP: valgrind is not installed (apt-get install valgrind; .ci/run does)");
         return;
     }
