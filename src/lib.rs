@@ -18,11 +18,14 @@
 //! - [`model`]: the MMDiT transformer (SD3, SD3.5 Large, SD3.5 Medium / MMDiT-X): its
 //!   configuration, weights from a diffusers folder or a package, the position-pruned
 //!   forward pass and the flow-matching Euler sampler.
+//! - the C interface (`include/hiprune.h`): the `hp_*` functions of the shared and
+//!   static library, implemented in the private `ffi` module.
 //!
 //! Every fallible function returns [`Result`]; the library never panics on bad input.
 
 pub mod backend;
 pub mod error;
+mod ffi;
 pub mod format;
 mod io;
 pub mod model;

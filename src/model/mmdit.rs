@@ -10,7 +10,7 @@
 //!
 //! Operations are called on the CPU backend directly
 //! ([`crate::backend::cpu::ops`], [`crate::backend::cpu::attention`],
-//! [`crate::backend::cpu::linear`]).
+//! [`crate::backend::cpu::linear()`]).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -14,6 +14,6 @@ pub mod weights;
 pub use config::MmditConfig;
 pub use mmdit::{Mmdit, MmditInputs};
 pub use prune::{BlockMask, PruneSpec};
-pub use sampler::{SampleOptions, flow_match_schedule, sample};
+pub use sampler::{SampleOptions, flow_match_schedule, sample, sample_cancellable};
 pub use tensor::{Tensor, TensorFile, write_tensors};
 pub use weights::{MemoryTensor, Weights};

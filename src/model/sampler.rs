@@ -160,6 +160,22 @@ pub fn sample(
     opts: &SampleOptions,
     mut progress: impl FnMut(usize, usize, f32),
 ) -> Result<Tensor> {
+    let done = sample_cancellable(model, latent, cond, opts, |i, n, s| {
+        progress(i, n, s);
+        true
+    })?;
+    done.ok_or_else(|| Error::invalid("sampling", "stopped although no step asked to stop"))
+}
+
+/// [`sample`] whose `progress(step, steps, sigma)` decides whether to go on: when it
+/// returns `false` the loop stops before that step and the result is `Ok(None)`.
+pub fn sample_cancellable(
+    model: &Mmdit,
+    latent: Tensor,
+    cond: &Conditioning<'_>,
+    opts: &SampleOptions,
+    mut progress: impl FnMut(usize, usize, f32) -> bool,
+) -> Result<Option<Tensor>> {
     let schedule = flow_match_schedule(opts.steps, opts.shift)?;
     check_finite("latent", &latent)?;
     let guidance = opts.guidance.filter(|&g| g > 1.0);
@@ -209,7 +225,9 @@ pub fn sample(
     let steps = opts.steps;
     for i in 0..steps {
         let (sigma, sigma_next) = (schedule.sigmas[i], schedule.sigmas[i + 1]);
-        progress(i, steps, sigma);
+        if !progress(i, steps, sigma) {
+            return Ok(None);
+        }
         let model_in = match guidance {
             None => x.clone(),
             Some(_) => concat_batch(&x, &x),
@@ -242,5 +260,5 @@ pub fn sample(
         }
         debug_assert_eq!(x.shape[0], batch);
     }
-    Ok(x)
+    Ok(Some(x))
 }

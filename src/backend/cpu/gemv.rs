@@ -59,8 +59,8 @@ pub(crate) struct GemvTask<'a> {
 /// SIMD path `path`, using the current rayon pool.
 ///
 /// `x` is `[M, K]` and `y` is `[M, N]`, both f32 row-major; `bias` is `[N]`. Every element
-/// of `y` is written. Fails with [`Error::LengthMismatch`] when a buffer has the wrong
-/// length and with [`Error::Unsupported`] when this CPU cannot run `path`.
+/// of `y` is written. Fails with [`Error::LengthMismatch`](crate::Error::LengthMismatch) when a buffer has the wrong
+/// length and with [`Error::Unsupported`](crate::Error::Unsupported) when this CPU cannot run `path`.
 /// [`KernelPath::Avx512Vnni`] runs the AVX-512 float kernel.
 pub fn gemv_q4(
     path: KernelPath,

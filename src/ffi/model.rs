@@ -1,0 +1,326 @@
+//! Model exports: load, free, info, block lists; and the struct-size helpers the
+//! other exports share.
+
+use std::ffi::{CStr, c_char};
+use std::mem::size_of;
+use std::path::Path;
+
+use super::bindings as b;
+use super::error::guard;
+use super::handles;
+use super::status::{self, Failure, FfiResult, Status};
+use crate::backend::cpu::{DenseData, LinearWeights};
+use crate::model::Mmdit;
+use crate::model::layout::{Required, required_tensors};
+use crate::quant::Q4Kind;
+
+/// A loaded model and its storage statistics.
+pub(crate) struct ModelState {
+    pub model: Mmdit,
+    pub bytes: WeightBytes,
+    pub file_bytes: u64,
+    pub is_package: bool,
+}
+
+/// Bytes of the weights the model runs, by storage.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WeightBytes {
+    pub f32: u64,
+    pub f16: u64,
+    pub bf16: u64,
+    pub int4: u64,
+    pub nf4: u64,
+    pub other: u64,
+}
+
+impl WeightBytes {
+    pub fn total(&self) -> u64 {
+        self.f32 + self.f16 + self.bf16 + self.int4 + self.nf4 + self.other
+    }
+}
+
+fn weight_bytes(model: &Mmdit) -> crate::Result<WeightBytes> {
+    let mut out = WeightBytes::default();
+    for req in required_tensors(model.config(), model.prune_spec()) {
+        if let Required::Linear { name, n, k } = req {
+            let count = (n * k) as u64;
+            match model.weights().linear(&name, n, k)? {
+                LinearWeights::Dense { data, .. } => match data {
+                    DenseData::F32(_) => out.f32 += 4 * count,
+                    DenseData::F16(_) => out.f16 += 2 * count,
+                    DenseData::Bf16(_) => out.bf16 += 2 * count,
+                },
+                LinearWeights::Q4(q) => {
+                    let bytes =
+                        (q.packed().len() + 2 * (q.scales().len() + q.offsets().len())) as u64;
+                    match q.kind() {
+                        Q4Kind::Int4 => out.int4 += bytes,
+                        Q4Kind::Nf4 => out.nf4 += bytes,
+                    }
+                }
+            }
+        }
+    }
+    out.other = model.small.values().map(|v| 4 * v.len() as u64).sum();
+    Ok(out)
+}
+
+/// Reads a caller's parameter struct of type `T` whose first field is `struct_size`:
+/// NULL gives `default`; otherwise at most `size_of::<T>()` bytes are read and the rest
+/// keep their defaults.
+pub(crate) fn read_params<T: Copy>(ptr: *const T, default: T, what: &str) -> FfiResult<T> {
+    if ptr.is_null() {
+        return Ok(default);
+    }
+    if !ptr.is_aligned() {
+        return Err(Failure::invalid(format!("{what} pointer is misaligned")));
+    }
+    // SAFETY: `ptr` is non-NULL and aligned, and the header requires it to point to a
+    // struct starting with its `size_t struct_size` field.
+    let size = unsafe { ptr.cast::<usize>().read() };
+    let n = checked_struct_size(size, size_of::<T>(), what)?;
+    let mut value = default;
+    // SAFETY: the caller's struct holds `size >= n` readable bytes (header contract);
+    // `value` is a distinct local `T` of `size_of::<T>() >= n` bytes; `T` is a
+    // plain-data bindgen struct, so any prefix of a valid value copied over a valid
+    // value is valid for the integer and float fields. Function-pointer fields are
+    // `Option`s, for which NULL is valid, and the caller vouches for non-NULL ones.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut value).cast::<u8>(), n) };
+    // Report our own size from here on.
+    // SAFETY: `value` is a `T` whose first field is a `usize` (`struct_size`).
+    unsafe { (&raw mut value).cast::<usize>().write(size_of::<T>()) };
+    Ok(value)
+}
+
+/// Writes `value` to a caller's output struct whose `struct_size` says how many bytes
+/// it holds; afterwards `struct_size` is the number of bytes written.
+pub(crate) fn write_out<T: Copy>(ptr: *mut T, value: T, what: &str) -> FfiResult {
+    if ptr.is_null() {
+        return Err(Failure::invalid(format!("{what} is NULL")));
+    }
+    if !ptr.is_aligned() {
+        return Err(Failure::invalid(format!("{what} pointer is misaligned")));
+    }
+    // SAFETY: non-NULL, aligned, and the header requires the struct to start with its
+    // `size_t struct_size` field, set by the caller.
+    let size = unsafe { ptr.cast::<usize>().read() };
+    let n = checked_struct_size(size, size_of::<T>(), what)?;
+    // SAFETY: the caller's struct has room for `size >= n` bytes (header contract) and
+    // does not overlap the local `value`.
+    unsafe {
+        std::ptr::copy_nonoverlapping((&raw const value).cast::<u8>(), ptr.cast::<u8>(), n);
+        ptr.cast::<usize>().write(n);
+    }
+    Ok(())
+}
+
+/// The byte count to copy for a struct whose caller says it has `size` bytes.
+fn checked_struct_size(size: usize, ours: usize, what: &str) -> FfiResult<usize> {
+    // Every struct of this ABI version is its first released version, so the minimum
+    // is the full size. Later versions will keep this minimum and accept a prefix.
+    if size < ours {
+        return Err(Failure::invalid(format!(
+            "{what}->struct_size is {size}, smaller than the {ours} bytes of its first version (set it to sizeof)"
+        )));
+    }
+    Ok(size.min(ours))
+}
+
+fn to_u32(v: usize, field: &str) -> FfiResult<u32> {
+    u32::try_from(v).map_err(|_| {
+        Failure::new(
+            status::UNSUPPORTED,
+            format!("{field} {v} does not fit in 32 bits"),
+        )
+    })
+}
+
+fn load(path: *const c_char, out_model: *mut *mut b::hp_model) -> FfiResult {
+    if out_model.is_null() {
+        return Err(Failure::invalid("out_model is NULL"));
+    }
+    if !out_model.is_aligned() {
+        return Err(Failure::invalid("out_model pointer is misaligned"));
+    }
+    // SAFETY: non-NULL and aligned; the caller gives a writable `hp_model *` slot.
+    unsafe { out_model.write(std::ptr::null_mut()) };
+    if path.is_null() {
+        return Err(Failure::invalid("path is NULL"));
+    }
+    // SAFETY: non-NULL; the header requires a NUL-terminated string.
+    let path = unsafe { CStr::from_ptr(path) }
+        .to_str()
+        .map_err(|_| Failure::invalid("path is not valid UTF-8"))?;
+    let path = Path::new(path);
+    let is_package = !path.is_dir();
+    let model = Mmdit::load(path).map_err(Failure::from_load)?;
+    let bytes = weight_bytes(&model).map_err(Failure::from_load)?;
+    let file_bytes = model.weights().package().map_or(0, |p| p.file_len());
+    log::info!(
+        "loaded {} ({} of {} blocks, {} weight bytes)",
+        path.display(),
+        model
+            .prune_spec()
+            .kept_blocks(model.config().num_layers)
+            .len(),
+        model.config().num_layers,
+        bytes.total()
+    );
+    let addr = handles::add_model(ModelState {
+        model,
+        bytes,
+        file_bytes,
+        is_package,
+    });
+    // SAFETY: checked non-NULL and aligned above.
+    unsafe { out_model.write(addr as *mut b::hp_model) };
+    Ok(())
+}
+
+/// `hp_model_load` (see the header).
+///
+/// # Safety
+/// As documented in `include/hiprune.h`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hp_model_load(
+    path: *const c_char,
+    out_model: *mut *mut b::hp_model,
+) -> Status {
+    guard("hp_model_load", || load(path, out_model))
+}
+
+/// `hp_model_free` (see the header).
+///
+/// # Safety
+/// As documented in `include/hiprune.h`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hp_model_free(model: *mut b::hp_model) -> Status {
+    guard("hp_model_free", || handles::remove_model(model as usize))
+}
+
+fn info(model: *const b::hp_model, out: *mut b::hp_model_info) -> FfiResult {
+    let state = handles::model(model as usize)?;
+    let cfg = state.model.config();
+    let kept = state.model.prune_spec().kept_blocks(cfg.num_layers).len();
+    let bytes = state.bytes;
+    let value = b::hp_model_info {
+        struct_size: size_of::<b::hp_model_info>(),
+        sample_size: to_u32(cfg.sample_size, "sample_size")?,
+        patch_size: to_u32(cfg.patch_size, "patch_size")?,
+        in_channels: to_u32(cfg.in_channels, "in_channels")?,
+        out_channels: to_u32(cfg.out_channels, "out_channels")?,
+        num_layers: to_u32(cfg.num_layers, "num_layers")?,
+        attention_head_dim: to_u32(cfg.attention_head_dim, "attention_head_dim")?,
+        num_attention_heads: to_u32(cfg.num_attention_heads, "num_attention_heads")?,
+        hidden_size: to_u32(cfg.hidden_size(), "hidden_size")?,
+        joint_attention_dim: to_u32(cfg.joint_attention_dim, "joint_attention_dim")?,
+        caption_projection_dim: to_u32(cfg.caption_projection_dim, "caption_projection_dim")?,
+        pooled_projection_dim: to_u32(cfg.pooled_projection_dim, "pooled_projection_dim")?,
+        pos_embed_max_size: to_u32(cfg.pos_embed_max_size, "pos_embed_max_size")?,
+        num_kept_blocks: to_u32(kept, "kept blocks")?,
+        num_dual_attention_layers: to_u32(cfg.dual_attention_layers.len(), "dual layers")?,
+        bytes_f32: bytes.f32,
+        bytes_f16: bytes.f16,
+        bytes_bf16: bytes.bf16,
+        bytes_int4: bytes.int4,
+        bytes_nf4: bytes.nf4,
+        bytes_other: bytes.other,
+        bytes_total: bytes.total(),
+        file_bytes: state.file_bytes,
+        is_package: state.is_package,
+        qk_norm: cfg.has_qk_norm(),
+    };
+    write_out(out, value, "out")
+}
+
+/// `hp_model_get_info` (see the header).
+///
+/// # Safety
+/// As documented in `include/hiprune.h`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hp_model_get_info(
+    model: *const b::hp_model,
+    out: *mut b::hp_model_info,
+) -> Status {
+    guard("hp_model_get_info", || info(model, out))
+}
+
+/// The block lists of `hp_model_blocks`, received as integers.
+#[derive(Debug, Clone, Copy)]
+enum BlockList {
+    Kept,
+    DualAttention,
+}
+
+impl TryFrom<i32> for BlockList {
+    type Error = Failure;
+
+    fn try_from(v: i32) -> FfiResult<Self> {
+        match v {
+            x if x == b::hp_block_list_HP_BLOCKS_KEPT as i32 => Ok(BlockList::Kept),
+            x if x == b::hp_block_list_HP_BLOCKS_DUAL_ATTENTION as i32 => {
+                Ok(BlockList::DualAttention)
+            }
+            other => Err(Failure::invalid(format!(
+                "which = {other} is not an hp_block_list value"
+            ))),
+        }
+    }
+}
+
+fn blocks(
+    model: *const b::hp_model,
+    which: i32,
+    out: *mut u32,
+    capacity: usize,
+    count: *mut usize,
+) -> FfiResult {
+    let state = handles::model(model as usize)?;
+    let which = BlockList::try_from(which)?;
+    if count.is_null() || !count.is_aligned() {
+        return Err(Failure::invalid("count is NULL or misaligned"));
+    }
+    if capacity > 0 && (out.is_null() || !out.is_aligned()) {
+        return Err(Failure::invalid(
+            "out is NULL or misaligned with capacity > 0",
+        ));
+    }
+    let cfg = state.model.config();
+    let list: Vec<usize> = match which {
+        BlockList::Kept => state.model.prune_spec().kept_blocks(cfg.num_layers),
+        BlockList::DualAttention => cfg.dual_attention_layers.clone(),
+    };
+    // SAFETY: checked non-NULL and aligned.
+    unsafe { count.write(list.len()) };
+    if capacity < list.len() {
+        return Err(Failure::size(format!(
+            "capacity {capacity} is smaller than the {} blocks of the list",
+            list.len()
+        )));
+    }
+    for (i, &v) in list.iter().enumerate() {
+        let v = to_u32(v, "block index")?;
+        // SAFETY: `out` is non-NULL and aligned (capacity > 0 here unless the list
+        // is empty, in which case the loop does not run) and holds `capacity >= len`
+        // elements by the header's contract.
+        unsafe { out.add(i).write(v) };
+    }
+    Ok(())
+}
+
+/// `hp_model_blocks` (see the header).
+///
+/// # Safety
+/// As documented in `include/hiprune.h`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hp_model_blocks(
+    model: *const b::hp_model,
+    which: i32,
+    out: *mut u32,
+    capacity: usize,
+    count: *mut usize,
+) -> Status {
+    guard("hp_model_blocks", || {
+        blocks(model, which, out, capacity, count)
+    })
+}
