@@ -16,10 +16,14 @@
 //! - [`backend`]: compute backends; the CPU backend runs fused dequant-GEMV/GEMM kernels
 //!   directly on the package's memory map.
 //! - [`model`]: the MMDiT architecture description.
+//! - `compress` (feature `compress`): sensitivity analysis, pruning plans, seeded
+//!   checkpoint generation and the streaming INT4 exporter.
 //!
 //! Every fallible function returns [`Result`]; the library never panics on bad input.
 
 pub mod backend;
+#[cfg(feature = "compress")]
+pub mod compress;
 pub mod error;
 pub mod format;
 pub mod model;

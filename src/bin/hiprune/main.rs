@@ -1,6 +1,8 @@
 //! The `hiprune` command-line tool.
 
 mod bench;
+#[cfg(feature = "compress")]
+mod compress;
 mod demo;
 mod forward;
 mod inspect;
@@ -45,6 +47,15 @@ enum Command {
     /// Quantise a generated SD3.5-shaped layer to INT4 and NF4, package it, load the
     /// package and run it against the dense original.
     Demo(demo::DemoArgs),
+    #[cfg(feature = "compress")]
+    /// Compress a diffusers transformer folder into a pruned, 4-bit .hpk package.
+    Compress(compress::CompressArgs),
+    #[cfg(feature = "compress")]
+    /// Write a diffusers-layout checkpoint with seeded random weights of real shapes.
+    Generate(compress::GenerateArgs),
+    #[cfg(feature = "compress")]
+    /// Measure per-block and per-sub-component sensitivity; write a JSON report.
+    Analyze(compress::AnalyzeArgs),
     /// Run one transformer forward pass on inputs from a safetensors file.
     Forward(forward::ForwardArgs),
     /// Sample a latent with the flow-matching Euler loop.
@@ -67,6 +78,12 @@ fn main() -> ExitCode {
         } => inspect::run(&package, json, verify),
         Command::Bench { what } => bench::run(what),
         Command::Demo(args) => demo::run(&args),
+        #[cfg(feature = "compress")]
+        Command::Compress(args) => compress::run_compress(&args),
+        #[cfg(feature = "compress")]
+        Command::Generate(args) => compress::run_generate(&args),
+        #[cfg(feature = "compress")]
+        Command::Analyze(args) => compress::run_analyze(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Sample(args) => sample::run(&args),
     };
