@@ -243,7 +243,12 @@ pub fn make_plan(
     );
     let estimate = |removed: &BTreeSet<usize>| {
         let spec = PruneSpec::remove_blocks(removed.iter().copied());
-        let dense = dense_blocks_for(l, removed, protect_floor, opts.protect_precision);
+        // The protected range ends at the first removed block (see below).
+        let boundary = removed
+            .iter()
+            .next()
+            .map_or(protect_floor, |&f| f.max(protect_floor));
+        let dense = dense_blocks_for(l, removed, boundary, opts.protect_precision);
         estimate_bytes(cfg, &spec, opts.weights, opts.group, &dense)
     };
 
