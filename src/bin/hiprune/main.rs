@@ -3,6 +3,7 @@
 mod bench;
 #[cfg(feature = "compress")]
 mod compress;
+#[cfg(feature = "compress")]
 mod demo;
 mod forward;
 mod inspect;
@@ -44,8 +45,9 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Quantise a generated SD3.5-shaped layer to INT4 and NF4, package it, load the
-    /// package and run it against the dense original.
+    /// The toolchain end to end on a small seeded model: generate, analyze, plan,
+    /// compress to INT4, then sample with the original and the package.
+    #[cfg(feature = "compress")]
     Demo(demo::DemoArgs),
     #[cfg(feature = "compress")]
     /// Compress a diffusers transformer folder into a pruned, 4-bit .hpk package.
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
             verify,
         } => inspect::run(&package, json, verify),
         Command::Bench { what } => bench::run(what),
+        #[cfg(feature = "compress")]
         Command::Demo(args) => demo::run(&args),
         #[cfg(feature = "compress")]
         Command::Compress(args) => compress::run_compress(&args),
