@@ -306,6 +306,7 @@ pub fn compress_checkpoint(
                         quantized_layers += 1;
                     }
                     WeightFormat::F16 => {
+                        check_fits_f16(name, &data)?;
                         let bytes = to_f16_bytes(&data);
                         writer.add_dense_layer(
                             name,
@@ -513,6 +514,23 @@ fn quantize_dense(
         scales,
         offsets,
     })
+}
+
+/// Fails when a finite weight would overflow f16 (NaN and infinities are passed on).
+fn check_fits_f16(name: &str, data: &DenseData<'_>) -> Result<()> {
+    let bad = |v: f32| v.is_finite() && !f16::from_f32(v).is_finite();
+    let found = match data {
+        DenseData::F16(_) => None,
+        DenseData::F32(d) => d.iter().position(|&v| bad(v)),
+        DenseData::Bf16(d) => d.iter().position(|v| bad(v.to_f32())),
+    };
+    match found {
+        Some(i) => Err(Error::invalid(
+            format!("tensor `{name}.weight`"),
+            format!("element {i} is out of f16 range; use --weights f32"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A dense weight as little-endian f16 bytes (borrowed when it already is f16).
