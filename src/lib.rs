@@ -18,12 +18,16 @@
 //! - [`model`]: the MMDiT transformer (SD3, SD3.5 Large, SD3.5 Medium / MMDiT-X): its
 //!   configuration, weights from a diffusers folder or a package, the position-pruned
 //!   forward pass and the flow-matching Euler sampler.
+//! - `compress` (feature `compress`): sensitivity analysis, pruning plans, seeded
+//!   checkpoint generation and the streaming INT4 exporter.
 //! - the C interface (`include/hiprune.h`): the `hp_*` functions of the shared and
 //!   static library, implemented in the private `ffi` module.
 //!
 //! Every fallible function returns [`Result`]; the library never panics on bad input.
 
 pub mod backend;
+#[cfg(feature = "compress")]
+pub mod compress;
 pub mod error;
 mod ffi;
 pub mod format;

@@ -1,5 +1,5 @@
 //! The `hiprune` binary: inspect (table, JSON, --verify on a corrupted package), demo on a
-//! small layer, and clear errors for bad bench arguments.
+//! small model, and clear errors for bad bench arguments.
 
 use std::path::Path;
 use std::process::Command;
@@ -134,17 +134,21 @@ fn inspect_rejects_a_truncated_file() {
 }
 
 #[test]
-fn demo_runs_on_a_small_layer() {
+fn demo_runs_on_a_small_model() {
     let dir = tempfile::tempdir().unwrap();
-    let keep = dir.path().join("demo.hpk");
+    let keep = dir.path().join("demo");
     let out = hiprune(&[
         "demo",
-        "--n",
-        "96",
-        "--k",
-        "256",
-        "--m",
-        "1,9",
+        "--hidden",
+        "64",
+        "--layers",
+        "4",
+        "--remove",
+        "1",
+        "--steps",
+        "2",
+        "--latent",
+        "8",
         "--keep",
         keep.to_str().unwrap(),
     ]);
@@ -154,12 +158,15 @@ fn demo_runs_on_a_small_layer() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for needle in ["int4 rtn", "int4 clip", "nf4", "M=9 ms"] {
+    for needle in ["original (f16)", "pruned + INT4", "step latency", "smaller"] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
-    assert!(keep.exists(), "--keep leaves the package");
-    let inspect = hiprune(&["inspect", keep.to_str().unwrap(), "--verify"]);
+    let package = keep.join("model.hpk");
+    assert!(package.exists(), "--keep leaves the package");
+    assert!(keep.join("report.json").exists() && keep.join("report.svg").exists());
+    let inspect = hiprune(&["inspect", package.to_str().unwrap(), "--verify"]);
     assert!(inspect.status.success());
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("kept blocks (3)"));
 }
 
 #[test]

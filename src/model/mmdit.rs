@@ -234,7 +234,7 @@ impl Mmdit {
 
     /// Patches `[B*N, C*p*p]` in (c, py, px) order, through the patch convolution, plus
     /// the centre crop of the positional table.
-    fn embed_patches(&self, hs: &Tensor, dims: &Dims) -> Result<Vec<f32>> {
+    pub(crate) fn embed_patches(&self, hs: &Tensor, dims: &Dims) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let (p, cin, d) = (cfg.patch_size, cfg.in_channels, cfg.hidden_size());
         let (gh, gw) = (dims.h / p, dims.w / p);
@@ -279,7 +279,12 @@ impl Mmdit {
     }
 
     /// `temb [B, D]` = timestep MLP of the sinusoidal embedding + pooled-text MLP.
-    fn embed_conditioning(&self, t: &Tensor, pooled: &Tensor, batch: usize) -> Result<Vec<f32>> {
+    pub(crate) fn embed_conditioning(
+        &self,
+        t: &Tensor,
+        pooled: &Tensor,
+        batch: usize,
+    ) -> Result<Vec<f32>> {
         let d = self.config.hidden_size();
         let sin = timestep_embedding(&t.data, TIMESTEP_CHANNELS);
         let mut h = self.lin(

@@ -228,6 +228,33 @@ impl Weights {
         }
     }
 
+    /// Tells the operating system that the mapped bytes of tensor `name` are not needed
+    /// any more: their pages leave this process's resident set (they stay in the page
+    /// cache and are read again if touched). For streaming a large checkpoint once
+    /// without its pages piling up in the resident set. A no-op for tensors that are
+    /// not memory-mapped and on non-Unix systems.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let (
+            Some(Entry::Mapped {
+                file, start, end, ..
+            }),
+            Source::Files(maps),
+        ) = (self.entries.get(name), &self.source)
+        {
+            let map = &maps[*file];
+            // SAFETY: the map is a read-only shared mapping of a file; MADV_DONTNEED on
+            // it only drops page-table entries, so later reads (including through slices
+            // still borrowed from it) fault the same file bytes back in. memmap2 checks
+            // that the range lies inside the map. A failure only means the pages stay.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, end - start)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// Whether a tensor named `name` is present.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)

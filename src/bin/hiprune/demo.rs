@@ -1,16 +1,20 @@
-//! `hiprune demo`: the end-to-end path of one layer. Generates a seeded SD3.5-shaped
-//! linear layer, quantises it to INT4 and NF4, writes a package, maps it back and runs
-//! the 4-bit kernels against the dense original, then reports size, speed and error.
+//! `hiprune demo`: the whole toolchain on a small seeded model. Generates an MMDiT
+//! checkpoint (D = 256, 8 blocks, f16), analyses its blocks on synthetic inputs, plans
+//! the removal of two late blocks, compresses it to INT4, loads the package and runs a
+//! short sampling loop with the original and the compressed model, then reports size,
+//! step latency and output error.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use half::f16;
-use hiprune::backend::cpu::{DenseData, LinearWeights, linear};
-use hiprune::format::{PackageInfo, Precision, Provenance};
-use hiprune::quant::{Int4Options, quantize_int4, quantize_nf4};
-use hiprune::{Error, Package, PackageWriter, Result};
+use hiprune::compress::{
+    AnalyzeOptions, CompressOptions, GenerateOptions, PlanOptions, PlanTarget, Preset,
+    analyze_model, compress_checkpoint, generate_checkpoint, make_plan,
+};
+use hiprune::model::sampler::{Conditioning, initial_latent};
+use hiprune::model::{Mmdit, MmditConfig, SampleOptions, Tensor, sample};
+use hiprune::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -19,233 +23,220 @@ use crate::report::{Table, cpu_model, human_bytes};
 /// Options of `hiprune demo`.
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Input features K (default: SD3.5 Large hidden size).
-    #[arg(long, default_value_t = 2432)]
-    k: usize,
-    /// Output features N (default: SD3.5 Large FFN width, 4 x 2432).
-    #[arg(long, default_value_t = 9728)]
-    n: usize,
-    /// Rows of x to run (1 = one token / the modulation GEMV, 256 = a 256x256 image).
-    #[arg(long, default_value = "1,256")]
-    m: String,
-    /// Group (block) size of the 4-bit weights.
-    #[arg(long, default_value_t = 64)]
-    group: usize,
-    /// Seed of the generated weights and inputs.
+    /// Hidden size D (a multiple of 64).
+    #[arg(long, default_value_t = 256)]
+    hidden: usize,
+    /// Blocks of the generated model.
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Blocks to remove.
+    #[arg(long, default_value_t = 2)]
+    remove: usize,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Latent side (the image is 8x larger).
+    #[arg(long, default_value_t = 32)]
+    latent: usize,
+    /// Seed of the weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Keep the package at this path (default: a temporary folder, removed at exit).
+    /// Keep the checkpoint, report and package in this folder (default: a temporary
+    /// folder, removed at exit).
     #[arg(long)]
     keep: Option<PathBuf>,
 }
 
-/// Layer names in the demo package.
-const LAYERS: [(&str, &str); 4] = [
-    ("f16", "demo.ff.dense_f16"),
-    ("int4 rtn", "demo.ff.int4_rtn"),
-    ("int4 clip", "demo.ff.int4_clip"),
-    ("nf4", "demo.ff.nf4"),
-];
-
-/// Approximately normal samples (sum of four uniforms), with rare 8x outliers like the
-/// heavy tails of trained transformer weights.
-fn weight_sample(rng: &mut StdRng, std: f32) -> f32 {
-    let s: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866;
-    let outlier = if rng.random_range(0..1000) == 0 {
-        8.0
-    } else {
-        1.0
-    };
-    s * std * outlier
+fn normal(rng: &mut StdRng, shape: Vec<usize>) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor {
+        data: (0..n)
+            .map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866)
+            .collect(),
+        shape,
+    }
 }
 
-/// Runs the demo.
-pub fn run(args: &DemoArgs) -> Result<()> {
-    let (n, k) = (args.n, args.k);
-    let ms: Vec<usize> = args
-        .m
-        .split(',')
-        .map(|s| s.trim().parse().ok().filter(|&m| m > 0))
-        .collect::<Option<_>>()
-        .ok_or_else(|| {
-            Error::invalid(
-                "--m",
-                format!("`{}` is not a list of positive integers", args.m),
-            )
-        })?;
-    let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    eprintln!("[1/4] generating a seeded {n}x{k} layer ...");
-    let weight: Vec<f32> = (0..n * k).map(|_| weight_sample(&mut rng, 0.02)).collect();
-    let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let n: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
+}
 
-    eprintln!(
-        "[2/4] quantising to INT4 (round-to-nearest, then with the clipping search) and NF4 ..."
-    );
-    let t = Instant::now();
-    let opts = Int4Options {
-        group: args.group,
-        ..Int4Options::default()
+/// Runs `hiprune demo`.
+pub fn run(args: &DemoArgs) -> Result<()> {
+    if args.hidden == 0 || !args.hidden.is_multiple_of(64) {
+        return Err(Error::invalid(
+            "--hidden",
+            "must be a positive multiple of 64",
+        ));
+    }
+    if args.remove + 1 >= args.layers {
+        return Err(Error::invalid("--remove", "must leave at least two blocks"));
+    }
+    let tmp;
+    let dir = match &args.keep {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+            tmp.path().to_path_buf()
+        }
     };
-    let int4 = quantize_int4(&weight, n, k, &opts)?;
-    let int4_clip = quantize_int4(
-        &weight,
-        n,
-        k,
-        &Int4Options {
-            clip_search: true,
-            ..opts
+    let total = Instant::now();
+    let d = args.hidden;
+    let config = MmditConfig {
+        sample_size: args.latent,
+        pos_embed_max_size: args.latent.div_ceil(2).max(16),
+        num_layers: args.layers,
+        num_attention_heads: d / 64,
+        attention_head_dim: 64,
+        caption_projection_dim: d,
+        joint_attention_dim: 256,
+        pooled_projection_dim: 256,
+        ..Preset::Tiny.config()
+    };
+    println!(
+        "hiprune demo on {} ({} threads)",
+        cpu_model(),
+        rayon::current_num_threads()
+    );
+
+    // 1. A seeded checkpoint.
+    let ckpt = dir.join("checkpoint");
+    let t = Instant::now();
+    generate_checkpoint(
+        &ckpt,
+        &GenerateOptions {
+            seed: args.seed,
+            ..GenerateOptions::new(config.clone())
         },
     )?;
-    let nf4 = quantize_nf4(&weight, n, k, args.group)?;
-    let quant_s = t.elapsed().as_secs_f64();
+    println!(
+        "1. generated a {}-block MMDiT (D = {d}, f16) in {:.1} s",
+        args.layers,
+        t.elapsed().as_secs_f64()
+    );
 
-    let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let path = args
-        .keep
-        .clone()
-        .unwrap_or_else(|| dir.path().join("demo.hpk"));
-    eprintln!("[3/4] writing {} ...", path.display());
-    let mut writer = PackageWriter::create(&path)?;
-    let weight_f16: Vec<f16> = weight.iter().map(|&w| f16::from_f32(w)).collect();
-    writer.add_dense_layer(
-        LAYERS[0].1,
-        Precision::F16,
-        n,
-        k,
-        bytemuck::cast_slice(&weight_f16),
-        Some(&bias),
+    // 2. Sensitivity of each block and sub-component.
+    let t = Instant::now();
+    let mut dense = Mmdit::load(&ckpt)?;
+    let report = analyze_model(
+        &mut dense,
+        "demo",
+        None,
+        &AnalyzeOptions {
+            synthetic_inputs: 2,
+            latent: 16,
+            tokens: 16,
+            seed: args.seed,
+            components: true,
+        },
+        &mut |_, _| {},
     )?;
-    writer.add_q4_layer(LAYERS[1].1, &int4, Some(&bias))?;
-    writer.add_q4_layer(LAYERS[2].1, &int4_clip, Some(&bias))?;
-    writer.add_q4_layer(LAYERS[3].1, &nf4, Some(&bias))?;
-    drop((weight_f16, int4, int4_clip, nf4));
-    let provenance = Provenance {
-        source: format!("generated {n}x{k} layer, seed {}", args.seed),
-        source_bytes: (n * k * 4) as u64,
-        tool_version: hiprune::VERSION.to_string(),
-        quantizer: format!(
-            "int4 rtn-asymmetric g{0}, int4 clip-search g{0}, nf4 b{0}",
-            args.group
-        ),
-        ..Provenance::default()
+    report.write(&dir.join("report.json"))?;
+    std::fs::write(dir.join("report.svg"), report.svg())
+        .map_err(|e| Error::io(dir.join("report.svg"), e))?;
+    let scores: Vec<String> = report
+        .blocks
+        .iter()
+        .map(|b| format!("{}:{:.3}", b.block, b.rel_l2.unwrap_or(0.0)))
+        .collect();
+    println!(
+        "2. analysed removal impact (rel. L2 of the velocity) in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        scores.join(" ")
+    );
+
+    // 3. Plan: remove the least important late blocks (the first half is protected).
+    let plan = make_plan(
+        &config,
+        Some(&report),
+        &PlanOptions {
+            target: PlanTarget::Blocks(args.layers - args.remove),
+            protect_until: Some(args.layers / 2),
+            ..PlanOptions::default()
+        },
+    )?;
+    println!("3. plan: {}", plan.summary);
+
+    // 4. Compress to INT4.
+    let t = Instant::now();
+    let package = dir.join("model.hpk");
+    let summary = compress_checkpoint(
+        &ckpt,
+        &package,
+        &plan.compress_options(CompressOptions::default()),
+        &mut |_| {},
+    )?;
+    println!(
+        "4. compressed to INT4 g64 in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        package.display()
+    );
+
+    // 5. Sample with both.
+    let compressed = Mmdit::load(&package)?;
+    let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
+    let ehs = normal(&mut rng, vec![1, 32, config.joint_attention_dim]);
+    let pooled = normal(&mut rng, vec![1, config.pooled_projection_dim]);
+    let cond = Conditioning {
+        encoder_hidden_states: &ehs,
+        pooled_projections: &pooled,
+        negative_encoder_hidden_states: None,
+        negative_pooled_projections: None,
     };
-    writer.finish(PackageInfo {
-        architecture: None,
-        kept_blocks: Vec::new(),
-        provenance,
-    })?;
-
-    eprintln!("[4/4] mapping the package and running the kernels ...");
-    let package = Package::open(&path)?;
-    package.verify()?;
-    let mut layers = Vec::new();
-    for (label, name) in LAYERS {
-        let weights = match package.layer(name)?.precision {
-            Precision::F16 => LinearWeights::dense(
-                DenseData::F16(package.dense_weight(name)?.f16_slice()?),
-                n,
-                k,
-            )?,
-            _ => LinearWeights::Q4(package.q4_layer(name)?),
-        };
-        let layer_bias = package.bias(name)?.map(|b| b.to_f32_vec()).transpose()?;
-        let bytes = package_layer_bytes(&package, name)?;
-        layers.push((label, weights, layer_bias, bytes));
-    }
-    let dense = LinearWeights::dense(DenseData::F32(&weight), n, k)?;
-
-    let mut header = vec!["weights".to_string(), "bytes".into(), "vs f32".into()];
-    for &m in &ms {
-        header.push(format!("M={m} ms"));
-        header.push(format!("M={m} speed-up"));
-    }
-    header.push("output rel. error".into());
-    let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
-    let mut table = Table::new(&header_refs);
-    let f32_bytes = (n * k + n) * 4;
-    let mut rows: Vec<Vec<String>> = vec![vec![
-        "f32 (original)".into(),
-        human_bytes(f32_bytes as u64),
-        "1.00x".into(),
-    ]];
-    rows.extend(layers.iter().map(|(label, _, _, bytes)| {
-        vec![
-            label.to_string(),
-            human_bytes(*bytes),
-            format!("{:.2}x smaller", f32_bytes as f64 / *bytes as f64),
-        ]
-    }));
-    let mut errors = vec![0.0f64; layers.len()];
-    for &m in &ms {
-        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let mut reference = vec![0.0f32; m * n];
-        let dense_s = median_time(|| linear(&x, m, &dense, Some(&bias), &mut reference))?;
-        rows[0].push(format!("{:.3}", dense_s * 1e3));
-        rows[0].push("1.00x".into());
-        for (i, (_, weights, layer_bias, _)) in layers.iter().enumerate() {
-            let mut y = vec![0.0f32; m * n];
-            let s = median_time(|| linear(&x, m, weights, layer_bias.as_deref(), &mut y))?;
-            rows[i + 1].push(format!("{:.3}", s * 1e3));
-            rows[i + 1].push(format!("{:.2}x", dense_s / s));
-            errors[i] = errors[i].max(relative_error(&y, &reference));
-        }
-    }
-    rows[0].push("-".into());
-    for (row, err) in rows.iter_mut().skip(1).zip(&errors) {
-        row.push(format!("{err:.2e}"));
-    }
-    rows.into_iter().for_each(|r| table.row(r));
-
+    let opts = SampleOptions {
+        steps: args.steps,
+        ..SampleOptions::default()
+    };
+    let latent = initial_latent(
+        vec![1, config.in_channels, args.latent, args.latent],
+        args.seed,
+    )?;
+    let run = |m: &Mmdit| -> Result<(Tensor, f64)> {
+        let t = Instant::now();
+        let out = sample(m, latent.clone(), &cond, &opts, |_, _, _| {})?;
+        Ok((out, t.elapsed().as_secs_f64() / args.steps as f64))
+    };
+    let (ref_out, ref_step) = run(&dense)?;
+    let (q_out, q_step) = run(&compressed)?;
     println!(
-        "hiprune demo: one {n}x{k} linear layer (SD3.5 Large FFN shape), group {}",
-        args.group
+        "5. sampled {} steps of a {}x{} latent with both models",
+        args.steps, args.latent, args.latent
     );
-    println!(
-        "cpu: {} | threads: {} | quantisation took {quant_s:.1} s | package {} ({})",
-        cpu_model(),
-        rayon::current_num_threads(),
-        human_bytes(package.file_len()),
-        path.display()
-    );
+    println!();
+
+    let mut table = Table::new(&[
+        "model",
+        "blocks",
+        "bytes",
+        "step latency",
+        "output rel. error",
+    ]);
+    table.row(vec![
+        "original (f16)".into(),
+        args.layers.to_string(),
+        human_bytes(summary.source_bytes),
+        format!("{:.1} ms", ref_step * 1e3),
+        "-".into(),
+    ]);
+    table.row(vec![
+        "pruned + INT4".into(),
+        summary.kept_blocks.len().to_string(),
+        human_bytes(summary.output_bytes),
+        format!("{:.1} ms", q_step * 1e3),
+        format!("{:.4}", rel_l2(&ref_out.data, &q_out.data)),
+    ]);
     print!("{}", table.render());
     println!(
-        "(output rel. error = ||y - y_f32|| / ||y_f32|| on random inputs; total {:.1} s)",
-        started.elapsed().as_secs_f64()
+        "size: {:.1}% smaller; step latency: {:.2}x; total demo time {:.1} s",
+        100.0 * summary.reduction(),
+        ref_step / q_step.max(1e-12),
+        total.elapsed().as_secs_f64()
     );
+    println!("(random weights: the error shows what pruning + 4 bits change, not image quality)");
     Ok(())
-}
-
-/// Stored bytes of one layer (weight, scales, offsets, bias).
-fn package_layer_bytes(package: &Package, layer: &str) -> Result<u64> {
-    let entry = package.layer(layer)?;
-    entry
-        .tensor_names()
-        .iter()
-        .map(|t| package.tensor(t).map(|v| v.bytes().len() as u64))
-        .sum()
-}
-
-/// Median wall time of a few runs after one warm-up run.
-fn median_time(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 5 || (times.len() < 50 && start.elapsed().as_secs_f64() < 0.5) {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
-/// `||y - reference|| / ||reference||`.
-fn relative_error(y: &[f32], reference: &[f32]) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&a, &b) in y.iter().zip(reference) {
-        num += (f64::from(a) - f64::from(b)).powi(2);
-        den += f64::from(b).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }

@@ -1,6 +1,9 @@
 //! The `hiprune` command-line tool.
 
 mod bench;
+#[cfg(feature = "compress")]
+mod compress;
+#[cfg(feature = "compress")]
 mod demo;
 mod forward;
 mod inspect;
@@ -42,9 +45,19 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Quantise a generated SD3.5-shaped layer to INT4 and NF4, package it, load the
-    /// package and run it against the dense original.
+    /// The toolchain end to end on a small seeded model: generate, analyze, plan,
+    /// compress to INT4, then sample with the original and the package.
+    #[cfg(feature = "compress")]
     Demo(demo::DemoArgs),
+    #[cfg(feature = "compress")]
+    /// Compress a diffusers transformer folder into a pruned, 4-bit .hpk package.
+    Compress(compress::CompressArgs),
+    #[cfg(feature = "compress")]
+    /// Write a diffusers-layout checkpoint with seeded random weights of real shapes.
+    Generate(compress::GenerateArgs),
+    #[cfg(feature = "compress")]
+    /// Measure per-block and per-sub-component sensitivity; write a JSON report.
+    Analyze(compress::AnalyzeArgs),
     /// Run one transformer forward pass on inputs from a safetensors file.
     Forward(forward::ForwardArgs),
     /// Sample a latent with the flow-matching Euler loop.
@@ -66,7 +79,14 @@ fn main() -> ExitCode {
             verify,
         } => inspect::run(&package, json, verify),
         Command::Bench { what } => bench::run(what),
+        #[cfg(feature = "compress")]
         Command::Demo(args) => demo::run(&args),
+        #[cfg(feature = "compress")]
+        Command::Compress(args) => compress::run_compress(&args),
+        #[cfg(feature = "compress")]
+        Command::Generate(args) => compress::run_generate(&args),
+        #[cfg(feature = "compress")]
+        Command::Analyze(args) => compress::run_analyze(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Sample(args) => sample::run(&args),
     };

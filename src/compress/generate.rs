@@ -1,0 +1,319 @@
+//! [`generate_checkpoint`]: a diffusers-layout transformer folder with seeded random
+//! weights of the real shapes, for tests, benchmarks and the demo.
+//!
+//! The folder holds `config.json`, shards `diffusion_pytorch_model-0000i-of-0000n.safetensors`
+//! of at most [`GenerateOptions::max_shard_bytes`] each and the index
+//! `diffusion_pytorch_model.safetensors.index.json`, as `save_pretrained` writes them.
+//! Each shard's header is computed from the shapes first, then the tensors are
+//! generated and written one at a time through a small buffer, so memory stays small
+//! whatever the model size. Every tensor has its own random stream derived from the
+//! seed and its name, so the values do not depend on the sharding.
+//!
+//! Values: Linear weights ~ N(0, 1/K) (a variance-preserving init, so activations stay
+//! bounded through many blocks), biases and the patch convolution ~ N(0, 0.02^2),
+//! qk-norm weights 1 + N(0, 0.05^2), the positional table ~ N(0, 0.1^2). The normal
+//! samples are a sum of three uniforms (close to normal, cheap to draw).
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use serde_json::{Map, Value, json};
+
+use crate::error::{Error, Result};
+use crate::model::layout::{Required, required_tensors};
+use crate::model::weights::SHARD_INDEX;
+use crate::model::{MmditConfig, PruneSpec};
+
+/// The default shard size limit, 2 GB.
+pub const DEFAULT_SHARD_BYTES: u64 = 2_000_000_000;
+
+/// A named model shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// SD3.5 Large (38 blocks, D = 2432).
+    Sd35Large,
+    /// SD3.5 Medium (MMDiT-X, 24 blocks, D = 1536).
+    Sd35Medium,
+    /// A tiny model (4 blocks, D = 64, every K a multiple of 64) for tests.
+    Tiny,
+}
+
+impl Preset {
+    /// The architecture of the preset.
+    pub fn config(self) -> MmditConfig {
+        match self {
+            Preset::Sd35Large => MmditConfig::sd35_large(),
+            Preset::Sd35Medium => MmditConfig::sd35_medium(),
+            Preset::Tiny => MmditConfig {
+                sample_size: 16,
+                patch_size: 2,
+                in_channels: 16,
+                out_channels: 16,
+                num_layers: 4,
+                attention_head_dim: 32,
+                num_attention_heads: 2,
+                joint_attention_dim: 128,
+                caption_projection_dim: 64,
+                pooled_projection_dim: 64,
+                pos_embed_max_size: 16,
+                qk_norm: Some("rms_norm".into()),
+                dual_attention_layers: Vec::new(),
+            },
+        }
+    }
+
+    /// Parses `sd35-large`, `sd35-medium` or `tiny`.
+    pub fn parse(name: &str) -> Result<Preset> {
+        match name {
+            "sd35-large" => Ok(Preset::Sd35Large),
+            "sd35-medium" => Ok(Preset::Sd35Medium),
+            "tiny" => Ok(Preset::Tiny),
+            other => Err(Error::invalid(
+                "preset",
+                format!("`{other}` is not one of sd35-large, sd35-medium, tiny"),
+            )),
+        }
+    }
+}
+
+/// Settings of [`generate_checkpoint`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// The architecture to generate.
+    pub config: MmditConfig,
+    /// Store f16 (`true`) or f32 tensors.
+    pub f16: bool,
+    /// Seed of every random stream.
+    pub seed: u64,
+    /// Largest shard in bytes (a single tensor larger than this gets its own shard).
+    pub max_shard_bytes: u64,
+}
+
+impl GenerateOptions {
+    /// f16, seed 0, 2 GB shards.
+    pub fn new(config: MmditConfig) -> Self {
+        GenerateOptions {
+            config,
+            f16: true,
+            seed: 0,
+            max_shard_bytes: DEFAULT_SHARD_BYTES,
+        }
+    }
+
+    /// `config` with `num_layers` replaced (dual-attention layers beyond it dropped).
+    pub fn with_layers(mut config: MmditConfig, layers: usize) -> MmditConfig {
+        config.num_layers = layers;
+        config.dual_attention_layers.retain(|&i| i < layers);
+        config
+    }
+}
+
+/// What [`generate_checkpoint`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerateSummary {
+    /// The shard files, in order.
+    pub shards: Vec<PathBuf>,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data (the index's `total_size`).
+    pub total_bytes: u64,
+}
+
+/// What kind of values a tensor gets.
+#[derive(Clone, Copy)]
+enum Init {
+    /// N(0, std^2).
+    Normal(f32),
+    /// 1 + N(0, std^2).
+    One(f32),
+}
+
+/// Every tensor of the full model with its shape and init.
+fn tensor_list(cfg: &MmditConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let mut out = Vec::new();
+    for req in required_tensors(cfg, &PruneSpec::none()) {
+        match req {
+            Required::Linear { name, n, k } => {
+                out.push((
+                    format!("{name}.weight"),
+                    vec![n, k],
+                    Init::Normal(1.0 / (k as f32).sqrt()),
+                ));
+                out.push((format!("{name}.bias"), vec![n], Init::Normal(0.02)));
+            }
+            Required::Plain { name, shape } => {
+                let init = if name.ends_with(".pos_embed") {
+                    Init::Normal(0.1)
+                } else if name.contains(".norm_") {
+                    Init::One(0.05)
+                } else {
+                    Init::Normal(0.02)
+                };
+                out.push((name, shape, init));
+            }
+        }
+    }
+    out
+}
+
+/// SplitMix64: a tiny, fast, well-mixed generator, enough for seeded test weights.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A sample of mean 0, variance 1: three 21-bit uniforms summed and rescaled.
+    fn normal(&mut self) -> f32 {
+        let r = self.next();
+        let m = (1u64 << 21) - 1;
+        let u = |s: u32| ((r >> s) & m) as f32 / m as f32;
+        (u(0) + u(21) + u(42) - 1.5) * 2.0
+    }
+}
+
+/// FNV-1a of a tensor name, to give each tensor its own stream.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Writes a diffusers transformer folder with seeded random weights into `dir`
+/// (created if missing; existing files of the same names are replaced).
+pub fn generate_checkpoint(dir: &Path, opts: &GenerateOptions) -> Result<GenerateSummary> {
+    opts.config.validate()?;
+    if opts.max_shard_bytes == 0 {
+        return Err(Error::invalid("shard size", "must be at least 1 byte"));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let elem = if opts.f16 { 2u64 } else { 4 };
+    let tensors = tensor_list(&opts.config);
+
+    // Greedy sharding in model order.
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (i, (_, shape, _)) in tensors.iter().enumerate() {
+        let bytes = shape.iter().product::<usize>() as u64 * elem;
+        if size > 0 && size + bytes > opts.max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        if let Some(s) = shards.last_mut() {
+            s.push(i);
+        }
+        size += bytes;
+    }
+
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut paths = Vec::with_capacity(count);
+    let mut total_bytes = 0u64;
+    for (si, members) in shards.iter().enumerate() {
+        let file_name = format!(
+            "diffusion_pytorch_model-{:05}-of-{:05}.safetensors",
+            si + 1,
+            count
+        );
+        let path = dir.join(&file_name);
+        let mut header = Map::new();
+        header.insert("__metadata__".into(), json!({ "format": "pt" }));
+        let mut offset = 0u64;
+        for &i in members {
+            let (name, shape, _) = &tensors[i];
+            let bytes = shape.iter().product::<usize>() as u64 * elem;
+            header.insert(
+                name.clone(),
+                json!({
+                    "dtype": if opts.f16 { "F16" } else { "F32" },
+                    "shape": shape,
+                    "data_offsets": [offset, offset + bytes],
+                }),
+            );
+            offset += bytes;
+            weight_map.insert(name.clone(), Value::String(file_name.clone()));
+        }
+        total_bytes += offset;
+        let mut header = serde_json::to_vec(&Value::Object(header))
+            .map_err(|e| Error::invalid("shard header", e.to_string()))?;
+        while !(8 + header.len()).is_multiple_of(8) {
+            header.push(b' ');
+        }
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let io = |e| Error::io(&path, e);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&header).map_err(io)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        for &i in members {
+            let (name, shape, init) = &tensors[i];
+            let mut rng = SplitMix(opts.seed ^ name_hash(name));
+            let mut left: usize = shape.iter().product();
+            while left > 0 {
+                let chunk = left.min(16384);
+                buf.clear();
+                for _ in 0..chunk {
+                    let v = match *init {
+                        Init::Normal(s) => rng.normal() * s,
+                        Init::One(s) => 1.0 + rng.normal() * s,
+                    };
+                    if opts.f16 {
+                        buf.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+                    } else {
+                        buf.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+                w.write_all(&buf).map_err(io)?;
+                left -= chunk;
+            }
+        }
+        w.flush().map_err(io)?;
+        paths.push(path);
+    }
+
+    let index = json!({
+        "metadata": { "total_size": total_bytes },
+        "weight_map": weight_map,
+    });
+    let index_path = dir.join(SHARD_INDEX);
+    let text = serde_json::to_string_pretty(&index)
+        .map_err(|e| Error::invalid("shard index", e.to_string()))?;
+    std::fs::write(&index_path, text).map_err(|e| Error::io(&index_path, e))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config_json(&opts.config))
+        .map_err(|e| Error::io(&config_path, e))?;
+    Ok(GenerateSummary {
+        shards: paths,
+        tensors: tensors.len(),
+        total_bytes,
+    })
+}
+
+/// A diffusers `config.json` for `cfg`.
+pub fn config_json(cfg: &MmditConfig) -> String {
+    let v = json!({
+        "_class_name": "SD3Transformer2DModel",
+        "sample_size": cfg.sample_size,
+        "patch_size": cfg.patch_size,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_layers": cfg.num_layers,
+        "attention_head_dim": cfg.attention_head_dim,
+        "num_attention_heads": cfg.num_attention_heads,
+        "joint_attention_dim": cfg.joint_attention_dim,
+        "caption_projection_dim": cfg.caption_projection_dim,
+        "pooled_projection_dim": cfg.pooled_projection_dim,
+        "pos_embed_max_size": cfg.pos_embed_max_size,
+        "qk_norm": cfg.qk_norm,
+        "dual_attention_layers": cfg.dual_attention_layers,
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}

@@ -1,0 +1,449 @@
+//! [`make_plan`]: which blocks to remove, which to protect, and how hard to distil the
+//! rest (HierarchicalPrune's three parts).
+//!
+//! **Hierarchical Position Pruning.** Each candidate block gets a removal cost
+//! `(1 - w) * s_i + w * p_i`, where `s_i` is its measured sensitivity scaled to the
+//! model's maximum (from a [`SensitivityReport`]) and `p_i = 1 - i / (L - 1)` a positional
+//! prior that makes early blocks (which set layout and semantics in MMDiT models)
+//! costlier to remove; `w` is [`PlanOptions::position_weight`]. The prior is a tunable
+//! weight, not a rule: in other models the last layers can matter most, and with
+//! `w = 0` only the measurements count. Without a report the prior alone orders the
+//! blocks. Blocks are removed cheapest first until the target is met.
+//!
+//! **The last block is never removed by the planner** (only by an explicit list): the
+//! engine can run without it (the last kept block's context update is then discarded),
+//! but it is the block that holds `context_pre_only` (the final context
+//! AdaLayerNormContinuous) and feeds `norm_out`/`proj_out` directly, so removing it
+//! changes the output head's input distribution more than removing a middle block.
+//!
+//! **Positional Weight Preservation.** Blocks before the first removed block are
+//! protected: never removed (with `--protect-until K` the boundary is at least `K`
+//! before planning), frozen during distillation (`freeze`), and kept in f16 when
+//! [`ProtectPrecision::F16`] is asked.
+//!
+//! **Sensitivity-Guided Distillation.** Each trainable kept block gets a weight
+//! inversely proportional to its sensitivity, normalised to a mean of 1 over the
+//! trainable blocks (1 for all of them when nothing was measured); protected and
+//! removed blocks get 0. The binary form the reference code uses is `freeze`.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::compress::quantize::{CompressOptions, WeightFormat};
+use crate::compress::report::SensitivityReport;
+use crate::error::{Error, Result};
+use crate::model::layout::{Required, required_tensors};
+use crate::model::{MmditConfig, PruneSpec};
+
+/// What the plan must reach.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanTarget {
+    /// Nothing removed.
+    None,
+    /// Keep at most this many blocks.
+    Blocks(usize),
+    /// Estimated package size at most this many bytes.
+    Bytes(u64),
+    /// Estimated package size at most this fraction of the unpruned model in f16.
+    Ratio(f64),
+    /// Remove exactly these blocks (the last block may be among them).
+    Remove(BTreeSet<usize>),
+    /// A published cut: `sd35-large-turbo` (blocks 25-28 and 31-34 of 38) or
+    /// `sd35-medium` (13, 15, 16, 18, 20, 21 of 24).
+    Preset(String),
+}
+
+/// Precision of the protected blocks' Linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProtectPrecision {
+    /// Same as every other block.
+    Int4,
+    /// Kept in f16.
+    F16,
+}
+
+/// Settings of [`make_plan`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOptions {
+    /// The target.
+    pub target: PlanTarget,
+    /// Blocks `0..K` are never removed.
+    pub protect_until: Option<usize>,
+    /// Precision of the protected blocks.
+    pub protect_precision: ProtectPrecision,
+    /// Weight `w` of the positional prior in the removal cost, in `[0, 1]`.
+    pub position_weight: f32,
+    /// Weight storage assumed by the size estimates.
+    pub weights: WeightFormat,
+    /// Group size assumed by the size estimates.
+    pub group: usize,
+}
+
+impl Default for PlanOptions {
+    /// No target, no protection, prior weight 0.3, INT4 g64.
+    fn default() -> Self {
+        PlanOptions {
+            target: PlanTarget::None,
+            protect_until: None,
+            protect_precision: ProtectPrecision::Int4,
+            position_weight: 0.3,
+            weights: WeightFormat::Int4,
+            group: 64,
+        }
+    }
+}
+
+/// A pruning plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Blocks of the model.
+    pub num_layers: usize,
+    /// Removed blocks (original indices).
+    pub removed_blocks: Vec<usize>,
+    /// Kept blocks, in execution order.
+    pub kept_blocks: Vec<usize>,
+    /// Blocks `0..protect_until` are protected (frozen, never removed).
+    pub protect_until: usize,
+    /// Precision of the protected blocks.
+    pub protect_precision: ProtectPrecision,
+    /// Measured sensitivity per block (empty when no report was given).
+    pub sensitivity: Vec<f32>,
+    /// Removal cost per block (sensitivity and prior combined; `inf` = not a candidate).
+    pub removal_cost: Vec<f32>,
+    /// Distillation weight per block (0 for removed and protected blocks).
+    pub distillation_weights: Vec<f32>,
+    /// Whether each block is frozen during distillation.
+    pub freeze: Vec<bool>,
+    /// Estimated package bytes.
+    pub estimated_bytes: u64,
+    /// Bytes of the unpruned model in f16, for comparison.
+    pub dense_f16_bytes: u64,
+    /// One-line human summary.
+    pub summary: String,
+}
+
+/// The published cuts (end-exclusive ranges in the reference code).
+fn preset_blocks(name: &str, cfg: &MmditConfig) -> Result<BTreeSet<usize>> {
+    let (layers, blocks): (usize, Vec<usize>) = match name {
+        "sd35-large-turbo" | "sd35-large" => (38, (25..29).chain(31..35).collect()),
+        "sd35-medium" => (24, vec![13, 15, 16, 18, 20, 21]),
+        other => {
+            return Err(Error::invalid(
+                "plan preset",
+                format!("`{other}` is not one of sd35-large-turbo, sd35-medium"),
+            ));
+        }
+    };
+    if cfg.num_layers != layers {
+        return Err(Error::invalid(
+            "plan preset",
+            format!(
+                "`{name}` is for {layers}-block models, this one has {}",
+                cfg.num_layers
+            ),
+        ));
+    }
+    Ok(blocks.into_iter().collect())
+}
+
+/// Estimated package bytes of `cfg` under `spec`.
+pub fn estimate_bytes(
+    cfg: &MmditConfig,
+    spec: &PruneSpec,
+    weights: WeightFormat,
+    group: usize,
+    dense_blocks: &BTreeSet<usize>,
+) -> u64 {
+    let plain_elem = if weights == WeightFormat::F32 { 4 } else { 2 };
+    required_tensors(cfg, spec)
+        .iter()
+        .map(|r| match r {
+            Required::Linear { name, n, k } => {
+                let block = name
+                    .strip_prefix("transformer_blocks.")
+                    .and_then(|s| s.split('.').next())
+                    .and_then(|s| s.parse::<usize>().ok());
+                let fmt = match block {
+                    Some(b) if dense_blocks.contains(&b) && weights.q4_kind().is_some() => {
+                        WeightFormat::F16
+                    }
+                    _ => weights,
+                };
+                fmt.linear_bytes(*n, *k, group) + 4 * *n as u64
+            }
+            Required::Plain { shape, .. } => plain_elem * shape.iter().product::<usize>() as u64,
+        })
+        .sum()
+}
+
+/// Makes a plan for `cfg` from an optional sensitivity report. Deterministic: the same
+/// inputs give the same plan. Errors: an index outside the model, a removal inside the
+/// protected range, a preset for another model, or a target that cannot be met
+/// without touching the protected range or the last block.
+pub fn make_plan(
+    cfg: &MmditConfig,
+    report: Option<&SensitivityReport>,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    cfg.validate()?;
+    let l = cfg.num_layers;
+    if !(0.0..=1.0).contains(&opts.position_weight) {
+        return Err(Error::invalid(
+            "position weight",
+            format!("{} is outside [0, 1]", opts.position_weight),
+        ));
+    }
+    if let Some(k) = opts.protect_until
+        && k > l
+    {
+        return Err(Error::invalid(
+            "--protect-until",
+            format!("{k} is beyond the model's {l} blocks"),
+        ));
+    }
+    let sensitivity = match report {
+        Some(r) => {
+            if r.num_layers != l {
+                return Err(Error::invalid(
+                    "sensitivity report",
+                    format!("is for {} blocks, the model has {l}", r.num_layers),
+                ));
+            }
+            r.sensitivity()
+        }
+        None => Vec::new(),
+    };
+    let protect_floor = opts.protect_until.unwrap_or(0);
+    let max_s = sensitivity.iter().copied().fold(0.0f32, f32::max);
+    let w = opts.position_weight;
+    let removal_cost: Vec<f32> = (0..l)
+        .map(|i| {
+            if i < protect_floor || i + 1 == l {
+                return f32::INFINITY;
+            }
+            let prior = if l > 1 {
+                1.0 - i as f32 / (l - 1) as f32
+            } else {
+                1.0
+            };
+            if sensitivity.is_empty() || max_s <= 0.0 {
+                prior
+            } else {
+                (1.0 - w) * sensitivity[i] / max_s + w * prior
+            }
+        })
+        .collect();
+    let dense_f16_bytes = estimate_bytes(
+        cfg,
+        &PruneSpec::none(),
+        WeightFormat::F16,
+        64,
+        &BTreeSet::new(),
+    );
+    let estimate = |removed: &BTreeSet<usize>| {
+        let spec = PruneSpec::remove_blocks(removed.iter().copied());
+        // The protected range ends at the first removed block (see below).
+        let boundary = removed
+            .iter()
+            .next()
+            .map_or(protect_floor, |&f| f.max(protect_floor));
+        let dense = dense_blocks_for(l, removed, boundary, opts.protect_precision);
+        estimate_bytes(cfg, &spec, opts.weights, opts.group, &dense)
+    };
+
+    let explicit = |set: BTreeSet<usize>| -> Result<BTreeSet<usize>> {
+        if let Some(&b) = set.iter().find(|&&b| b >= l) {
+            return Err(Error::invalid(
+                "removed blocks",
+                format!("block {b} is outside the model's {l} blocks"),
+            ));
+        }
+        if let Some(&b) = set.iter().find(|&&b| b < protect_floor) {
+            return Err(Error::invalid(
+                "removed blocks",
+                format!("block {b} is in the protected range 0..{protect_floor}"),
+            ));
+        }
+        if set.len() >= l {
+            return Err(Error::invalid("removed blocks", "would remove every block"));
+        }
+        Ok(set)
+    };
+    // Candidates, cheapest first; ties go to the later block.
+    let mut order: Vec<usize> = (0..l).filter(|&i| removal_cost[i].is_finite()).collect();
+    order.sort_by(|&a, &b| removal_cost[a].total_cmp(&removal_cost[b]).then(b.cmp(&a)));
+    let greedy =
+        |done: &dyn Fn(&BTreeSet<usize>) -> bool, what: String| -> Result<BTreeSet<usize>> {
+            let mut removed = BTreeSet::new();
+            for &i in &order {
+                if done(&removed) {
+                    return Ok(removed);
+                }
+                removed.insert(i);
+            }
+            if done(&removed) {
+                Ok(removed)
+            } else {
+                Err(Error::invalid(
+                    "plan target",
+                    format!(
+                        "{what} cannot be met: even removing all {} candidate blocks (blocks \
+                     {protect_floor}..{} ; protected blocks and the last block are never \
+                     removed by the planner) leaves {} blocks, about {} bytes",
+                        order.len(),
+                        l.saturating_sub(1),
+                        l - removed.len(),
+                        estimate(&removed)
+                    ),
+                ))
+            }
+        };
+    let removed: BTreeSet<usize> = match &opts.target {
+        PlanTarget::None => BTreeSet::new(),
+        PlanTarget::Remove(set) => explicit(set.clone())?,
+        PlanTarget::Preset(name) => explicit(preset_blocks(name, cfg)?)?,
+        PlanTarget::Blocks(n) => {
+            if *n == 0 || *n > l {
+                return Err(Error::invalid(
+                    "--target-blocks",
+                    format!("{n} is not between 1 and the model's {l} blocks"),
+                ));
+            }
+            greedy(&|r| l - r.len() <= *n, format!("--target-blocks {n}"))?
+        }
+        PlanTarget::Bytes(b) => greedy(&|r| estimate(r) <= *b, format!("--target-bytes {b}"))?,
+        PlanTarget::Ratio(x) => {
+            if !(x.is_finite() && *x > 0.0) {
+                return Err(Error::invalid(
+                    "--target-ratio",
+                    format!("{x} must be positive"),
+                ));
+            }
+            let cap = (*x * dense_f16_bytes as f64) as u64;
+            greedy(&|r| estimate(r) <= cap, format!("--target-ratio {x}"))?
+        }
+    };
+
+    let protect_until = match removed.iter().next() {
+        Some(&first) => first.max(protect_floor),
+        None => protect_floor,
+    };
+    let kept: Vec<usize> = (0..l).filter(|i| !removed.contains(i)).collect();
+    let freeze: Vec<bool> = (0..l).map(|i| i < protect_until).collect();
+    let trainable: Vec<usize> = kept.iter().copied().filter(|&i| !freeze[i]).collect();
+    let mut distillation_weights = vec![0.0f32; l];
+    if !trainable.is_empty() {
+        let raw: Vec<f32> = trainable
+            .iter()
+            .map(|&i| {
+                if sensitivity.is_empty() || max_s <= 0.0 {
+                    1.0
+                } else {
+                    1.0 / (sensitivity[i] / max_s + 1e-3)
+                }
+            })
+            .collect();
+        let mean = raw.iter().sum::<f32>() / raw.len() as f32;
+        for (&i, r) in trainable.iter().zip(raw) {
+            distillation_weights[i] = r / mean;
+        }
+    }
+    let dense = dense_blocks_for(l, &removed, protect_until, opts.protect_precision);
+    let spec = PruneSpec::remove_blocks(removed.iter().copied());
+    let estimated_bytes = estimate_bytes(cfg, &spec, opts.weights, opts.group, &dense);
+    let removed_blocks: Vec<usize> = removed.into_iter().collect();
+    let how = match &opts.target {
+        PlanTarget::None => "no pruning".to_string(),
+        PlanTarget::Remove(_) => "explicit list".to_string(),
+        PlanTarget::Preset(p) => format!("preset {p}"),
+        PlanTarget::Blocks(n) => format!("target {n} blocks"),
+        PlanTarget::Bytes(b) => format!("target {b} bytes"),
+        PlanTarget::Ratio(x) => format!("target ratio {x}"),
+    };
+    let basis = if sensitivity.is_empty() {
+        "positional prior only".to_string()
+    } else {
+        format!("sensitivity + positional prior w={w}")
+    };
+    let summary = format!(
+        "{how} ({basis}): removed {:?}, kept {}/{l}, protected 0..{protect_until} ({}), \
+         {} weights, ~{} bytes ({:.1}% of f16)",
+        removed_blocks,
+        kept.len(),
+        match opts.protect_precision {
+            ProtectPrecision::F16 => "f16",
+            ProtectPrecision::Int4 => "same precision",
+        },
+        opts.weights,
+        estimated_bytes,
+        100.0 * estimated_bytes as f64 / dense_f16_bytes.max(1) as f64
+    );
+    Ok(Plan {
+        num_layers: l,
+        removed_blocks,
+        kept_blocks: kept,
+        protect_until,
+        protect_precision: opts.protect_precision,
+        sensitivity,
+        removal_cost,
+        distillation_weights,
+        freeze,
+        estimated_bytes,
+        dense_f16_bytes,
+        summary,
+    })
+}
+
+/// The kept blocks below `protect_until`, when they stay f16.
+fn dense_blocks_for(
+    l: usize,
+    removed: &BTreeSet<usize>,
+    protect_until: usize,
+    precision: ProtectPrecision,
+) -> BTreeSet<usize> {
+    match precision {
+        ProtectPrecision::Int4 => BTreeSet::new(),
+        ProtectPrecision::F16 => (0..protect_until.min(l))
+            .filter(|i| !removed.contains(i))
+            .collect(),
+    }
+}
+
+impl Plan {
+    /// `base` with this plan's removed blocks, protected f16 blocks and provenance.
+    pub fn compress_options(&self, base: CompressOptions) -> CompressOptions {
+        CompressOptions {
+            spec: PruneSpec::remove_blocks(self.removed_blocks.iter().copied()),
+            dense_blocks: dense_blocks_for(
+                self.num_layers,
+                &self.removed_blocks.iter().copied().collect(),
+                self.protect_until,
+                self.protect_precision,
+            ),
+            plan_summary: self.summary.clone(),
+            sensitivity: self.sensitivity.clone(),
+            distillation_weights: self.distillation_weights.clone(),
+            ..base
+        }
+    }
+
+    /// The plan as pretty JSON (the report an external distillation trainer reads).
+    pub fn to_json(&self) -> Result<String> {
+        // JSON has no infinity: non-candidates are written as null.
+        let mut v =
+            serde_json::to_value(self).map_err(|e| Error::invalid("plan", e.to_string()))?;
+        if let Some(costs) = v.get_mut("removal_cost") {
+            *costs = serde_json::Value::Array(
+                self.removal_cost
+                    .iter()
+                    .map(|c| {
+                        serde_json::Number::from_f64(*c as f64)
+                            .map_or(serde_json::Value::Null, serde_json::Value::Number)
+                    })
+                    .collect(),
+            );
+        }
+        serde_json::to_string_pretty(&v).map_err(|e| Error::invalid("plan", e.to_string()))
+    }
+}
