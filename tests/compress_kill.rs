@@ -16,7 +16,11 @@ const SEEDS: u64 = 20;
 
 fn compress_command(src: &Path, out: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hiprune"));
-    cmd.arg("compress").arg(src).arg("-o").arg(out).args(["--weights", "int4", "--group", "64"]);
+    cmd.arg("compress")
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .args(["--weights", "int4", "--group", "64"]);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     cmd
 }
@@ -31,7 +35,10 @@ fn check_leftovers(dir: &Path, out_name: &str) {
         }
         let tmp = format!(".{out_name}.tmp-");
         let spool = format!(".{out_name}.spool");
-        assert!(name.starts_with(&tmp) || name.starts_with(&spool), "unexpected file `{name}` left behind");
+        assert!(
+            name.starts_with(&tmp) || name.starts_with(&spool),
+            "unexpected file `{name}` left behind"
+        );
     }
 }
 
@@ -65,8 +72,11 @@ fn killing_compress_never_leaves_a_partial_package() {
         let _ = child.kill(); // SIGKILL: no destructor or cleanup runs
         child.wait().unwrap();
         if out.exists() {
-            let package = Package::open(&out).unwrap_or_else(|e| panic!("seed {seed}: partial package: {e}"));
-            package.verify().unwrap_or_else(|e| panic!("seed {seed}: corrupt package: {e}"));
+            let package =
+                Package::open(&out).unwrap_or_else(|e| panic!("seed {seed}: partial package: {e}"));
+            package
+                .verify()
+                .unwrap_or_else(|e| panic!("seed {seed}: corrupt package: {e}"));
             complete += 1;
             std::fs::remove_file(&out).unwrap();
         }

@@ -13,11 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use hiprune::PackageWriter;
-use hiprune::format::{PackageInfo, Precision};
-use hiprune::model::layout::{Required, required_tensors};
 use hiprune::model::sampler::{Conditioning, SampleOptions, sample};
-use hiprune::model::{Mmdit, MmditConfig, MmditInputs, PruneSpec, Tensor, TensorFile};
+use hiprune::model::{Mmdit, MmditInputs, Tensor, TensorFile};
 
 const CFLAGS: &[&str] = &["-std=c99", "-Wall", "-Wextra", "-Werror", "-Wpedantic"];
 
@@ -65,41 +62,17 @@ fn run_ok(cmd: &mut Command) -> String {
     stdout + &stderr
 }
 
-/// Writes the `sd35` fixture folder as an all-f32 package: linear layers through
-/// `add_dense_layer`, every other tensor through `add_f32`, all blocks kept.
+/// Compresses the `sd35` fixture folder into an all-f32 package with `hiprune compress`
+/// (f32 keeps it exact, so C, Rust and diffusers can be compared tightly).
 fn build_package(path: &Path) {
-    let dir = fixture("");
-    let config = MmditConfig::from_file(dir.join("config.json")).unwrap();
-    let mut file = TensorFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
-    let mut w = PackageWriter::create(path).unwrap();
-    let mut linear = BTreeSet::new();
-    for req in required_tensors(&config, &PruneSpec::none()) {
-        if let Required::Linear { name, n, k } = req {
-            let weight = file.take(&format!("{name}.weight")).unwrap();
-            let bias = file.take(&format!("{name}.bias")).unwrap();
-            let bytes: Vec<u8> = weight.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            w.add_dense_layer(&name, Precision::F32, n, k, &bytes, Some(&bias.data))
-                .unwrap();
-            linear.insert(name);
-        }
-    }
-    // Every remaining tensor of the checkpoint (names from its header).
-    let bytes = std::fs::read(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
-    for name in names {
-        if let Ok(t) = file.take(&name) {
-            w.add_f32(&name, &t.shape, &t.data).unwrap();
-        }
-    }
-    let kept = (0..config.num_layers as u32).collect();
-    w.finish(PackageInfo {
-        architecture: Some(config),
-        kept_blocks: kept,
-        provenance: Default::default(),
-    })
-    .unwrap();
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_hiprune"))
+            .arg("compress")
+            .arg(fixture(""))
+            .arg("-o")
+            .arg(path)
+            .args(["--weights", "f32"]),
+    );
 }
 
 fn write_f32(dir: &Path, name: &str, t: &Tensor) {
