@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the seed corpora of the fuzz targets from the repository's small valid files:
-# the MMDiT fixtures and a package written by `hiprune demo`. Run from anywhere.
+# the MMDiT fixtures and packages written by `hiprune compress`. Run from anywhere.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -8,8 +8,14 @@ corpus="$here/corpus"
 rm -rf "$corpus"
 mkdir -p "$corpus"/{package_open,manifest_decode,checkpoint_folder,inputs_file}
 
-# Packages: a small layer collection from the demo.
-(cd "$root" && cargo run --quiet --release -- demo --n 64 --k 128 --m 1 --keep "$corpus/package_open/demo.hpk" >/dev/null)
+# Packages: the sd35 fixture in f32, and a tiny generated model in INT4 and NF4.
+hiprune() { (cd "$root" && cargo run --quiet --release -- "$@"); }
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+hiprune compress "$root/tests/fixtures/mmdit/sd35" -o "$corpus/package_open/sd35-f32.hpk" --weights f32 >/dev/null 2>&1
+hiprune generate "$scratch/tiny" --preset tiny --seed 1 >/dev/null 2>&1
+hiprune compress "$scratch/tiny" -o "$corpus/package_open/tiny-int4.hpk" --weights int4 --remove-blocks 2 >/dev/null 2>&1
+hiprune compress "$scratch/tiny" -o "$corpus/package_open/tiny-nf4.hpk" --weights nf4 >/dev/null 2>&1
 
 python3 - "$root" "$corpus" <<'PY'
 import json, struct, sys, pathlib

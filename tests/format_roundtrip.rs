@@ -776,3 +776,31 @@ fn finish_checks_recorded_layers_and_leaves_nothing_on_error() {
         "temp files left behind"
     );
 }
+
+/// Found by the `manifest_decode` fuzz target (a harness assumption, not a library
+/// fault): float fields of the manifest may hold NaN, so a decoded manifest is compared
+/// with its re-encoding as bytes, never with `==`.
+#[test]
+fn manifest_with_nan_floats_roundtrips_as_bytes() {
+    use hiprune::format::{FORMAT_VERSION, Manifest, Provenance};
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        architecture: None,
+        kept_blocks: vec![0, 2],
+        layers: Vec::new(),
+        tensors: Vec::new(),
+        provenance: Provenance {
+            distillation_weights: vec![7.6e-6, f32::NAN, 3.6e-43, 0.0],
+            sensitivity: vec![f32::INFINITY],
+            ..Provenance::default()
+        },
+    };
+    let bytes = manifest.encode().unwrap();
+    let decoded = Manifest::decode(&bytes).unwrap();
+    assert_ne!(
+        decoded, manifest,
+        "NaN != NaN: structural equality cannot be the check"
+    );
+    assert_eq!(decoded.encode().unwrap(), bytes);
+    assert!(decoded.provenance.distillation_weights[1].is_nan());
+}
