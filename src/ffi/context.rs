@@ -224,10 +224,23 @@ fn output(ptr: *mut f32, len: usize, expected: usize, what: &str) -> FfiResult<*
     Ok(ptr)
 }
 
-fn write_output(ptr: *mut f32, data: &[f32]) {
-    // SAFETY: `ptr` passed `output` with `len == data.len()`, and the header requires
-    // that many writable floats that do not overlap the inputs (which were copied).
+/// Copies a result of `expected` elements (the caller's checked output length) to the
+/// caller's buffer; a result of any other length is an internal error, never written.
+fn write_output(ptr: *mut f32, data: &[f32], expected: usize, what: &str) -> FfiResult {
+    if data.len() != expected {
+        return Err(Failure::new(
+            status::INTERNAL,
+            format!(
+                "{what} returned {} elements, expected {expected}",
+                data.len()
+            ),
+        ));
+    }
+    // SAFETY: `ptr` passed `output` with `len == expected == data.len()`, and the header
+    // requires that many writable floats that do not overlap the inputs (which were
+    // copied).
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+    Ok(())
 }
 
 fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FfiResult<Tensor> {
@@ -286,18 +299,7 @@ fn forward(
         .pool
         .install(|| state.model.forward(&inputs))
         .map_err(Failure::from_run)?;
-    if y.data.len() != s.latent_out {
-        return Err(Failure::new(
-            status::INTERNAL,
-            format!(
-                "model returned {} elements, expected {}",
-                y.data.len(),
-                s.latent_out
-            ),
-        ));
-    }
-    write_output(out_ptr, &y.data);
-    Ok(())
+    write_output(out_ptr, &y.data, s.latent_out, "model")
 }
 
 /// `hp_forward` (see the header).
@@ -489,18 +491,7 @@ fn run_sample(
             "the progress callback asked to stop",
         ));
     };
-    if x.data.len() != s.latent_out {
-        return Err(Failure::new(
-            status::INTERNAL,
-            format!(
-                "sampler returned {} elements, expected {}",
-                x.data.len(),
-                s.latent_out
-            ),
-        ));
-    }
-    write_output(out_ptr, &x.data);
-    Ok(())
+    write_output(out_ptr, &x.data, s.latent_out, "sampler")
 }
 
 /// `hp_sample` (see the header).
