@@ -1,32 +1,19 @@
 //! The `hiprune forward` and `hiprune sample` commands on the fixture models.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{fixture, rel_err};
+
+use std::path::Path;
 use std::process::{Command, Output};
 
 use hiprune::model::{Tensor, TensorFile, write_tensors};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mmdit")
-        .join(name)
-}
 
 fn hiprune(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hiprune"))
         .args(args)
         .output()
         .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    let max_ref = b.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_err = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    max_err / max_ref
 }
 
 fn forward(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {

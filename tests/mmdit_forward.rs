@@ -1,30 +1,13 @@
 //! The CPU forward pass against diffusers' outputs for the fixture models
 //! (tests/fixtures/mmdit): full, sharded, f16, MMDiT-X, pruned and sub-component-removed.
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixture, rel_err};
 
 use hiprune::model::{Mmdit, MmditInputs, PruneSpec, Tensor, TensorFile};
 
 const TOL: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mmdit")
-        .join(name)
-}
-
-/// max|a - b| / max|b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    let max_ref = b.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_err = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(max_ref > 0.0);
-    max_err / max_ref
-}
 
 fn run(model: &Mmdit, folder: &str) -> Tensor {
     let inputs = TensorFile::open(fixture(folder).join("inputs.safetensors")).unwrap();

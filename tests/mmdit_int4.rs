@@ -3,6 +3,10 @@
 //! output as a dense run of the dequantised weights, in memory and through an .hpk
 //! package (with a pruned block).
 
+mod common;
+
+use common::rel_err;
+
 use std::collections::HashMap;
 
 use hiprune::format::{PackageInfo, Precision};
@@ -179,17 +183,6 @@ fn run(model: &Mmdit, i: &Inputs) -> Tensor {
             timestep: &i.t,
         })
         .unwrap()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    let max_ref = b.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_err = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    max_err / max_ref
 }
 
 #[test]

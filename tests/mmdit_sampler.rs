@@ -1,29 +1,14 @@
 //! The flow-matching schedule and the Euler sampler against diffusers'
 //! `FlowMatchEulerDiscreteScheduler` + `StableDiffusion3Pipeline` loop (fixture `sd35`).
 
-use std::path::PathBuf;
+mod common;
+
+use common::{fixture, rel_err};
 
 use hiprune::model::sampler::{
     Conditioning, SampleOptions, flow_match_schedule, initial_latent, sample,
 };
 use hiprune::model::{Mmdit, Tensor, TensorFile};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mmdit")
-        .join(name)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    let max_ref = b.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_err = a
-        .data
-        .iter()
-        .zip(&b.data)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    max_err / max_ref
-}
 
 fn outputs() -> TensorFile {
     TensorFile::open(fixture("sd35/sample_outputs.safetensors")).unwrap()
