@@ -12,7 +12,7 @@
  *   binary16 bits) so this header needs no CUDA includes.
  * - Row-major everywhere. A linear weight W is [n, k] (out features, in features).
  * - 4-bit weights: `qweight` is the repacked code buffer produced by
- *   hp_launch_repack_q4 (n * k / 2 bytes, the kernels' own layout, the only copy on
+ *   hp_launch_repack_q4 (hp_q4_repacked_bytes(n, k) bytes, the kernels' own layout, the only copy on
  *   the device); `scales` (and `offsets` for int4) are f16 [n, k / group] in the
  *   package's canonical layout. Weight kinds:
  *     int4     w = scale * q + offset
@@ -46,10 +46,18 @@ typedef enum hp_launch_status {
 #define HP_GEMV_MAX_M 8
 
 /**
+ * Bytes of the repacked code buffer of an [n, k] 4-bit matrix (at least n * k / 2;
+ * more when the layout pads n or k to its tile). Host function; 0 when n < 1, k < 1
+ * or k is odd.
+ */
+int64_t hp_q4_repacked_bytes(int32_t n, int32_t k);
+
+/**
  * Repacks canonical 4-bit codes (u8 [n, k/2]; byte j of row r holds k = 2j in the
- * low nibble and k = 2j + 1 in the high nibble) into the kernels' layout. `packed`
- * and `repacked` are distinct buffers of n * k / 2 bytes. Kind-independent.
- * Requires k % 64 == 0 and n % 8 == 0 (callers keep other shapes dense or pad).
+ * low nibble and k = 2j + 1 in the high nibble) into the kernels' layout, padding with
+ * code 0 where the layout pads. `packed` (n * k / 2 bytes) and `repacked`
+ * (hp_q4_repacked_bytes(n, k) bytes) are distinct buffers. Kind-independent.
+ * Takes any n >= 1 and k >= 32 with k % 32 == 0.
  */
 int32_t hp_launch_repack_q4(const uint8_t *packed, uint8_t *repacked, int32_t n, int32_t k,
                             void *stream);
