@@ -23,7 +23,7 @@
 //!   [`Backend::split_tokens`] to join and split the image and context tokens;
 //! - [`Backend::column_chunk`] to cut a modulation `[batch, n * d]` into its chunks.
 //!
-//! Host-side helpers in the model (they run once per forward on data that starts or
+//! Host-side steps of the model (they run once per forward on data that starts or
 //! ends on the host, so a device gains nothing from them): the sinusoidal timestep
 //! embedding, the patch embedding (patchify, the small patch convolution and the
 //! centre crop of the positional table, which for SD3 is a 192 x 192 x D table that
