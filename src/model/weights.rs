@@ -16,6 +16,7 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+use crate::backend::LinearSource;
 use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
 use crate::format::{Dtype, Package};
@@ -363,6 +364,12 @@ impl Weights {
             });
         }
         Ok(data)
+    }
+}
+
+impl LinearSource for Weights {
+    fn linear_weights(&self, layer: &str, n: usize, k: usize) -> Result<LinearWeights<'_>> {
+        self.linear(layer, n, k)
     }
 }
 
