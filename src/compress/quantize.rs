@@ -35,7 +35,7 @@ use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
 use crate::format::{Dtype, LayerEntry, PackageInfo, PackageWriter, Precision, Provenance};
 use crate::model::layout::{Required, required_tensors};
-use crate::model::pos_embed::{round_through, sincos_2d_f32};
+use crate::model::pos_embed::{round_value, sincos_2d_f32};
 use crate::model::weights::{SHARD_INDEX, SINGLE_FILE};
 use crate::model::{MmditConfig, PruneSpec, Weights};
 use crate::quant::{
@@ -443,13 +443,12 @@ fn computed_pos_table(
     let table = sincos_2d_f32(grid, base_size, dim)?;
     // The checkpoint's dtype is not needed: f16 and bf16 widen to f32 exactly, so the
     // table matches a dtype exactly when rounding through it reproduces `data`.
+    // Rounded element by element, so no second table-sized buffer is held.
     for source in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
-        let mut t = table.clone();
-        round_through(&mut t, source)?;
-        let equal = t
+        let equal = table
             .par_iter()
             .zip(data.par_iter())
-            .all(|(a, b)| a.to_bits() == b.to_bits());
+            .all(|(&t, &d)| round_value(t, source).is_some_and(|v| v.to_bits() == d.to_bits()));
         if equal {
             return Ok(Some(LayerEntry {
                 name: POS_TABLE.to_string(),

@@ -83,23 +83,27 @@ pub fn sincos_2d_f32(grid: usize, base_size: usize, dim: usize) -> Result<Vec<f3
     Ok(out)
 }
 
+/// `v` rounded to the float `dtype` and widened back to f32; `None` for U8.
+pub fn round_value(v: f32, dtype: Dtype) -> Option<f32> {
+    match dtype {
+        Dtype::F32 => Some(v),
+        Dtype::F16 => Some(f16::from_f32(v).to_f32()),
+        Dtype::Bf16 => Some(bf16::from_f32(v).to_f32()),
+        Dtype::U8 => None,
+    }
+}
+
 /// Rounds f32 values to `dtype` and back, in place (a no-op for F32).
 pub fn round_through(values: &mut [f32], dtype: Dtype) -> Result<()> {
-    match dtype {
-        Dtype::F32 => {}
-        Dtype::F16 => values
-            .par_iter_mut()
-            .for_each(|v| *v = f16::from_f32(*v).to_f32()),
-        Dtype::Bf16 => values
-            .par_iter_mut()
-            .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-        Dtype::U8 => {
-            return Err(Error::invalid(
-                "sin-cos table",
-                "dtype U8 is not a float type",
-            ));
-        }
+    if round_value(0.0, dtype).is_none() {
+        return Err(Error::invalid(
+            "sin-cos table",
+            "dtype U8 is not a float type",
+        ));
     }
+    values
+        .par_iter_mut()
+        .for_each(|v| *v = round_value(*v, dtype).unwrap_or(*v));
     Ok(())
 }
 
