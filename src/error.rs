@@ -179,6 +179,16 @@ pub enum Error {
         tensor: String,
     },
 
+    /// A tensor is present that a layer's precision rules out (a stray `.offsets` of a
+    /// symmetric INT4 layer, a stored table the manifest declares computed).
+    #[error("tensor `{tensor}` must not be present: {reason}")]
+    UnexpectedTensor {
+        /// The tensor.
+        tensor: String,
+        /// The rule it breaks.
+        reason: String,
+    },
+
     /// A layer the caller asked for is not declared in the package's manifest.
     #[error("layer `{layer}` is not in the package")]
     MissingLayer {

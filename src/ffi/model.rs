@@ -56,7 +56,7 @@ fn weight_bytes(model: &Mmdit) -> crate::Result<WeightBytes> {
                     let bytes =
                         (q.packed().len() + 2 * (q.scales().len() + q.offsets().len())) as u64;
                     match q.kind() {
-                        Q4Kind::Int4 => out.int4 += bytes,
+                        Q4Kind::Int4 | Q4Kind::Int4Sym => out.int4 += bytes,
                         Q4Kind::Nf4 => out.nf4 += bytes,
                     }
                 }

@@ -33,7 +33,7 @@ pub struct KernelArgs {
     /// Rows of x (tokens), comma-separated.
     #[arg(long, default_value = "1,256")]
     m: String,
-    /// Kernels to compare with the dense f32 baseline: `int4`, `nf4` (f32 activations)
+    /// Kernels to compare with the dense f32 baseline: `int4`, `nf4`, `int4sym` (f32 activations)
     /// and `int4-a8` (INT4 weights, per-token int8 activations).
     #[arg(long, default_value = "int4,nf4")]
     weights: String,
@@ -184,10 +184,11 @@ fn parse_kinds(spec: &str) -> Result<Vec<Variant>> {
         .map(|s| match s.trim() {
             "int4" => Ok(Variant::Q4(Q4Kind::Int4)),
             "nf4" => Ok(Variant::Q4(Q4Kind::Nf4)),
+            "int4sym" => Ok(Variant::Q4(Q4Kind::Int4Sym)),
             "int4-a8" => Ok(Variant::Int4Int8Activations),
             other => Err(Error::invalid(
                 "--weights",
-                format!("`{other}` is not one of int4, nf4, int4-a8"),
+                format!("`{other}` is not one of int4, nf4, int4sym, int4-a8"),
             )),
         })
         .collect()
