@@ -2,3 +2,5 @@
 //! `cuda` feature.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
