@@ -29,7 +29,7 @@ for f in "$cuda_dir"/*.cu; do
         -gencode arch=compute_87,code=compute_87 -c "$f" -o "$out/$(basename "$f").o" >"$log" 2>&1 || {
         cat "$log"; status=1; continue; }
     # One line per kernel and arch: registers, spills.
-    awk '/Compiling entry function/ {name=$6; arch=$NF}
+    awk '/Compiling entry function/ {name=$7; arch=$NF}
          /spill stores/ {st=$5; ld=$9}
          /Used [0-9]+ registers/ {for (i=1;i<=NF;i++) if ($i=="Used") r=$(i+1);
              printf "%-8s %-10s regs %3s  spill st %s ld %s  %s\n", "'"$(basename "$f")"'", arch, r, st, ld, name}' "$log" \
