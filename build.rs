@@ -348,10 +348,11 @@ mod cuda {
                         kernels[i].spill_loads = nums[2];
                     }
                 }
-            } else if line.contains("Used ") && line.contains(" registers") {
-                if let Some(i) = current {
-                    kernels[i].registers = numbers(line).first().map(|&r| r as u32);
-                }
+            } else if line.contains("Used ")
+                && line.contains(" registers")
+                && let Some(i) = current
+            {
+                kernels[i].registers = numbers(line).first().map(|&r| r as u32);
             }
         }
         kernels

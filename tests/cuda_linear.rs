@@ -166,7 +166,7 @@ fn run_q4_case(
         .allowed_groups()
         .iter()
         .copied()
-        .filter(|g| k % g == 0)
+        .filter(|&g| k.is_multiple_of(g))
         .collect();
     let group = groups[rng.random_range(0..groups.len())];
     let w = random_q4(rng, kind, n, k, group);

@@ -207,6 +207,21 @@ impl CudaDevice {
     /// Opens device `ordinal`. Without a driver, without a device, or with an ordinal out
     /// of range this returns [`Error::NoCudaDevice`] saying why; it never panics.
     pub fn new(ordinal: usize) -> Result<CudaDevice> {
+        // cudarc panics where a driver lacks a symbol it loads; that is a missing (or too
+        // old) driver too, not a reason to take the process down.
+        std::panic::catch_unwind(|| Self::open(ordinal)).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(Error::NoCudaDevice {
+                reason: format!("the CUDA driver could not be used: {what}"),
+            })
+        })
+    }
+
+    fn open(ordinal: usize) -> Result<CudaDevice> {
         if !driver_present() {
             return Err(Error::NoCudaDevice {
                 reason: "the CUDA driver library (libcuda.so) is not installed or not on the \
