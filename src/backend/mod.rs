@@ -52,6 +52,8 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cpu::attention::AttentionShape;
 pub use cpu::backend::{CpuBackend, CpuLinear, CpuTensor};
