@@ -112,7 +112,7 @@ fn kernels_json_on_custom_shapes_has_every_cell_and_field() {
             "f32" => 4 * n * k,
             "f16" => 2 * n * k,
             "int4" | "int4-a8" => n * k / 2 + 4 * n * (k / 64),
-            "nf4" => n * k / 2 + 2 * n * (k / 64),
+            "int4sym" | "nf4" => n * k / 2 + 2 * n * (k / 64),
             other => panic!("unexpected weights {other}"),
         };
         assert_eq!(u(r, "weight_bytes") as usize, expect_w, "{r}");
@@ -276,7 +276,7 @@ fn model_generate_tiny_reports_both_models() {
     assert_eq!(u(&models[0], "blocks_run"), 4);
     assert_eq!(u(&models[1], "blocks_run"), 3);
     assert!(models[0]["linear_formats"]["f16"].as_u64().unwrap() > 0);
-    assert!(models[1]["linear_formats"]["int4 g64"].as_u64().unwrap() > 0);
+    assert!(models[1]["linear_formats"]["int4sym g64"].as_u64().unwrap() > 0);
     let (dense, comp) = (u(&models[0], "weight_bytes"), u(&models[1], "weight_bytes"));
     assert!(comp < dense, "{comp} !< {dense}");
     let c = &report["comparison"];
