@@ -3,7 +3,7 @@
 # scripts/gpu-check.sh runs on a GPU machine, and puts it in .gpu-bundle/:
 #
 #   .gpu-bundle/tests/cuda_*     the CUDA integration-test executables (release)
-#   .gpu-bundle/hiprune          the CLI, for `hiprune bench kernels --backend cuda`
+#   .gpu-bundle/hiprune          the CLI, for `hiprune bench kernels|model --backend cuda`
 #   .gpu-bundle/manifest.txt     revision, archs and sizes
 #
 # nvcc is found as build.rs finds it (NVCC, CUDA_HOME, CUDA_PATH, PATH);

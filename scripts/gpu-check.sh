@@ -6,11 +6,17 @@
 #   1. nvidia-smi (the card as found; no settings are changed)
 #   2. every bundled CUDA test executable, with HIPRUNE_REQUIRE_GPU=1 (a missing
 #      device fails instead of skipping)
-#   3. hiprune bench kernels --backend cuda, where the bundled CLI has that backend
-#   4. a summary table, last
+#   3. hiprune bench kernels --backend cuda: INT4/NF4 against cuBLAS f16 on every
+#      SD3.5-Large linear shape at M = 1, 8, 4096 (CSV kept in the logs)
+#   4. hiprune bench model --backend cuda: a tiny probe first; where the model runs on
+#      CUDA in this build, the SD3.5-Large-shaped model at 1024x1024 with the paper's
+#      cut (blocks 25-28 and 31-34 removed), INT4 against the dense f16 original in one
+#      run (seeded weights generated on the spot, in HIPRUNE_BENCH_TMP)
+#   5. a summary: steps, then the kernel table (shape, M, time, GB/s, TFLOP/s, ratio
+#      to cuBLAS), last
 #
-# Logs go to $OUT (or ./gpu-check-logs). Every step runs under `timeout`; the whole
-# script stays under 6 minutes.
+# Logs go to $OUT (or ./gpu-check-logs). Every step runs under `timeout`, capped by
+# what is left of a 340-second budget, so the whole script stays under 6 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,14 +24,22 @@ bundle=${HIPRUNE_GPU_BUNDLE:-.gpu-bundle}
 logs=${OUT:-gpu-check-logs}
 mkdir -p "$logs"
 start=$(date +%s)
+budget=${HIPRUNE_GPU_CHECK_BUDGET:-340}
 summary=()
 
-# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND under timeout, logs to $logs/NAME.log
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND under timeout (LIMIT, or what is left
+# of the budget if less), stdout and stderr to the terminal and $logs/NAME.log
 step() {
     local name=$1 limit=$2
     shift 2
-    local t0 rc status
+    local t0 rc status left
     t0=$(date +%s)
+    left=$((budget - (t0 - start)))
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -lt 10 ]; then
+        summary+=("$(printf '%-28s %-16s' "$name" 'SKIPPED (budget)')")
+        return 124
+    fi
     echo
     echo "==> $name (limit ${limit}s)"
     timeout --signal=KILL "$limit" "$@" 2>&1 | tee "$logs/$name.log"
@@ -64,17 +78,37 @@ for exe in "$bundle"/tests/cuda_*; do
     step "$(basename "$exe")" 150 "$exe" --test-threads=4 --nocapture || failed=1
 done
 
-# Kernel benchmark. `hiprune bench kernels` takes --backend; builds whose CLI does not
-# run CUDA yet answer "unsupported" and the step reports it.
-bench_args=(bench kernels --backend cuda --shapes sd35-large --m 1,4096 --weights int4,nf4 --seconds 0.3)
+# Kernel benchmark: CSV to its own file (the table is printed from it at the end),
+# progress to the log.
+bench_csv="$logs/bench-kernels-cuda.csv"
+bench_args=(bench kernels --backend cuda --shapes sd35-large --m 1,8,4096 --weights int4,nf4 --seconds 0.25 --csv)
 if [ -x "$bundle/hiprune" ]; then
-    # ENABLE: drop the `|| true` below once `hiprune bench kernels --backend cuda` lands,
-    # so that a failing benchmark fails this script.
-    step bench-kernels-cuda 120 "$bundle/hiprune" "${bench_args[@]}" || true
-    if grep -q "unsupported: backend" "$logs/bench-kernels-cuda.log" 2>/dev/null; then
-        summary[-1]="$(printf '%-28s %-16s' bench-kernels-cuda 'not in this build')"
+    # bash -c '"$@" > "$0"' CSV CMD...: runs CMD with its stdout in CSV, under step's timeout.
+    step bench-kernels-cuda 110 bash -c '"$@" > "$0"' "$bench_csv" "$bundle/hiprune" "${bench_args[@]}" || failed=1
+fi
+
+# Whole-model benchmark. A tiny model first: it says whether this build runs the model
+# on CUDA at all (the CUDA model backend may not be in the bundle yet) and checks the
+# path end to end in seconds. The seeded SD3.5-Large checkpoint (15 GiB) and its INT4
+# package go to HIPRUNE_BENCH_TMP, not to $OUT.
+bench_tmp=${HIPRUNE_BENCH_TMP:-$PWD/.bench-tmp}
+mkdir -p "$bench_tmp"
+model_ready=0
+if [ -x "$bundle/hiprune" ]; then
+    if TMPDIR=$bench_tmp step bench-model-tiny-cuda 60 "$bundle/hiprune" bench model --generate tiny --steps 2 --backend cuda; then
+        model_ready=1
+    elif grep -q "does not run on CUDA in this build" "$logs/bench-model-tiny-cuda.log" 2>/dev/null; then
+        summary[-1]="$(printf '%-28s %-16s' bench-model-tiny-cuda 'not in this build')"
+    else
+        failed=1
     fi
 fi
+if [ "$model_ready" = 1 ]; then
+    # --generate sd35-large uses the paper's cut (preset sd35-large-turbo) and INT4 g64.
+    TMPDIR=$bench_tmp step bench-model-sd35-large-cuda 240 "$bundle/hiprune" bench model \
+        --generate sd35-large --resolution 1024 --steps 3 --backend cuda || failed=1
+fi
+rm -rf "$bench_tmp"
 
 echo
 echo "==> summary ($(($(date +%s) - start)) s in all; logs in $logs)"
@@ -87,4 +121,13 @@ for exe in "$bundle"/tests/cuda_*; do
     name=$(basename "$exe")
     grep -hE "^test result|worst relative error|^test .* FAILED" "$logs/$name.log" 2>/dev/null | sed "s/^/$name: /"
 done
+if [ -f "$logs/bench-model-sd35-large-cuda.log" ]; then
+    echo
+    grep -E "^(dense|compressed|reduction)" "$logs/bench-model-sd35-large-cuda.log"
+fi
+if [ -s "$bench_csv" ]; then
+    echo
+    grep -E "^# (gpu|cuda|clocks|bandwidth GB/s):" "$bench_csv"
+    scripts/kernel-summary.sh "$bench_csv"
+fi
 exit "$failed"

@@ -95,6 +95,11 @@ fn kernels_json_on_custom_shapes_has_every_cell_and_field() {
     let report = stdout_json(&out);
     check_header(&report["header"], "cpu");
     assert!(f(&report, "read_bandwidth_gbps") > 0.0);
+    assert_eq!(
+        f(&report, "bandwidth_gbps"),
+        f(&report, "read_bandwidth_gbps")
+    );
+    assert_eq!(report["baseline"], "f32");
     assert_eq!(report["streamed"], false);
     let results = report["results"].as_array().unwrap();
     // 2 shapes x 2 M x (f32 baseline + 4 variants).
@@ -107,12 +112,16 @@ fn kernels_json_on_custom_shapes_has_every_cell_and_field() {
         assert!(min > 0.0 && min <= med && med <= max, "{r}");
         assert!(f(r, "q1_s") <= med && med <= f(r, "q3_s"), "{r}");
         assert!(u(r, "runs") >= 3);
-        assert!(f(r, "gbps") > 0.0 && f(r, "gflops") > 0.0 && f(r, "speedup_vs_f32") > 0.0);
+        assert!(f(r, "gbps") > 0.0 && f(r, "gflops") > 0.0 && f(r, "speedup_vs_baseline") > 0.0);
+        assert_eq!(r["kernel"], "cpu");
+        assert_eq!(u(r, "launches_per_run"), 1);
         let expect_w = match r["weights"].as_str().unwrap() {
             "f32" => 4 * n * k,
             "f16" => 2 * n * k,
-            "int4" | "int4-a8" => n * k / 2 + 4 * n * (k / 64),
+            // `--weights int4` is symmetric (f16 scales only); int4-a8 runs asymmetric
+            // INT4 (f16 scale and offset per group).
             "int4sym" | "nf4" => n * k / 2 + 2 * n * (k / 64),
+            "int4" | "int4-a8" => n * k / 2 + 4 * n * (k / 64),
             other => panic!("unexpected weights {other}"),
         };
         assert_eq!(u(r, "weight_bytes") as usize, expect_w, "{r}");
@@ -121,11 +130,11 @@ fn kernels_json_on_custom_shapes_has_every_cell_and_field() {
             expect_w + 4 * (mm * k + mm * n),
             "{r}"
         );
-        let frac = f(r, "fraction_of_read_bandwidth");
+        let frac = f(r, "fraction_of_bandwidth");
         let expect = f(r, "gbps") / f(&report, "read_bandwidth_gbps");
         assert!((frac - expect).abs() <= 1e-9 * expect.max(1.0));
         if r["weights"] == "f32" {
-            assert!((f(r, "speedup_vs_f32") - 1.0).abs() < 1e-12);
+            assert!((f(r, "speedup_vs_baseline") - 1.0).abs() < 1e-12);
         }
         assert_eq!(u(r, "layers_in_model"), 0);
     }
@@ -170,8 +179,8 @@ fn kernels_csv_has_header_comments_and_one_row_per_cell() {
     assert_eq!(rows.len(), 3, "{text}");
     let cols = rows[0].split(',').count();
     assert!(rows[0].starts_with("k,n,m,"));
-    assert!(rows[1].starts_with("128,40,3,0,f32,"));
-    assert!(rows[2].starts_with("128,40,3,0,nf4,"));
+    assert!(rows[1].starts_with("128,40,3,0,f32,cpu,"));
+    assert!(rows[2].starts_with("128,40,3,0,nf4,cpu,"));
     assert!(rows.iter().all(|r| r.split(',').count() == cols));
 }
 
@@ -276,6 +285,7 @@ fn model_generate_tiny_reports_both_models() {
     assert_eq!(u(&models[0], "blocks_run"), 4);
     assert_eq!(u(&models[1], "blocks_run"), 3);
     assert!(models[0]["linear_formats"]["f16"].as_u64().unwrap() > 0);
+    // `--weights int4` (the default) is symmetric INT4.
     assert!(models[1]["linear_formats"]["int4sym g64"].as_u64().unwrap() > 0);
     let (dense, comp) = (u(&models[0], "weight_bytes"), u(&models[1], "weight_bytes"));
     assert!(comp < dense, "{comp} !< {dense}");
@@ -471,4 +481,158 @@ fn bad_model_input_fails_naming_the_problem() {
         &["bench", "model", "/nonexistent/model.hpk", "--steps", "1"],
         &["/nonexistent/model.hpk"],
     );
+}
+
+/// Whether a missing GPU must fail the CUDA tests instead of skipping them.
+#[cfg(feature = "cuda")]
+fn gpu_required() -> bool {
+    std::env::var("HIPRUNE_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// In a CUDA build: with a device, the kernel report has the cuBLAS baseline and every
+/// 4-bit variant per cell and the card in its header; without one, a clear error and
+/// no panic.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_report_or_fail_cleanly_without_a_device() {
+    let mut rng = StdRng::seed_from_u64(31);
+    let (k1, n1) = (
+        64 * rng.random_range(2..5usize),
+        rng.random_range(1..80usize),
+    );
+    let (k2, n2) = (
+        64 * rng.random_range(5..9usize),
+        rng.random_range(80..300usize),
+    );
+    let m = rng.random_range(9..40usize);
+    let shapes = format!("{k1},{n1};{k2},{n2}");
+    let ms = format!("1,{m}");
+    let out = hiprune(&[
+        "bench",
+        "kernels",
+        "--backend",
+        "cuda",
+        "--shapes",
+        &shapes,
+        "--m",
+        &ms,
+        "--weights",
+        "int4,int4-asym,nf4,f16",
+        "--seconds",
+        "0",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("no CUDA device"), "{err}");
+        assert!(!gpu_required(), "HIPRUNE_REQUIRE_GPU=1 but: {err}");
+        eprintln!("skipped: no CUDA device ({})", err.trim());
+        return;
+    }
+    let report = stdout_json(&out);
+    let gpu = &report["header"]["gpu"];
+    assert!(!gpu["name"].as_str().unwrap().is_empty(), "{gpu}");
+    assert!(gpu["compute_capability"].as_str().unwrap().contains('.'));
+    assert!(u(gpu, "memory_bytes") > 0);
+    assert_eq!(report["baseline"], "f16 (cuBLAS)");
+    assert!(report.get("read_bandwidth_gbps").is_none());
+    let bw = f(&report, "bandwidth_gbps");
+    assert!(bw > 0.0);
+    let results = report["results"].as_array().unwrap();
+    // 2 shapes x 2 M x (cuBLAS f16 + 3 four-bit variants; f16 is the baseline itself).
+    assert_eq!(results.len(), 2 * 2 * 4, "{report}");
+    for r in results {
+        let (k, n, mm) = (u(r, "k") as usize, u(r, "n") as usize, u(r, "m") as usize);
+        assert!([(k1, n1), (k2, n2)].contains(&(k, n)), "{r}");
+        let (min, med, max) = (f(r, "min_s"), f(r, "median_s"), f(r, "max_s"));
+        assert!(min > 0.0 && min <= med && med <= max, "{r}");
+        assert!(u(r, "runs") >= 3 && u(r, "launches_per_run") >= 1);
+        let kernel = r["kernel"].as_str().unwrap();
+        match r["weights"].as_str().unwrap() {
+            "f16" => {
+                assert_eq!(kernel, "cublas");
+                assert_eq!(u(r, "weight_bytes") as usize, 2 * n * k);
+                assert!((f(r, "speedup_vs_baseline") - 1.0).abs() < 1e-12);
+            }
+            "int4sym" | "int4" | "nf4" => {
+                assert_eq!(kernel, if mm <= 8 { "gemv" } else { "gemm" }, "{r}");
+                assert!(u(r, "weight_bytes") as usize >= n * k / 2, "{r}");
+            }
+            other => panic!("unexpected weights {other}"),
+        }
+        assert_eq!(
+            u(r, "bytes_moved"),
+            u(r, "weight_bytes") + 2 * (mm * k + mm * n) as u64
+        );
+        let frac = f(r, "fraction_of_bandwidth");
+        assert!((frac - f(r, "gbps") / bw).abs() <= 1e-9 * frac.max(1.0));
+    }
+}
+
+/// int8 activations are a CPU kernel: refused on CUDA before a device is needed.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_refuse_int8_activations() {
+    fails_naming(
+        &[
+            "bench",
+            "kernels",
+            "--backend",
+            "cuda",
+            "--shapes",
+            "128,64",
+            "--m",
+            "1",
+            "--weights",
+            "int4-a8",
+            "--seconds",
+            "0",
+        ],
+        &["int4-a8", "CPU"],
+    );
+}
+
+/// In a CUDA build: `bench model --backend cuda` either runs or fails with a clear
+/// message (no device, or the model not yet on CUDA in this build), never a panic,
+/// and never after generating weights it cannot run.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_model_runs_or_fails_cleanly() {
+    let out = hiprune(&[
+        "bench",
+        "model",
+        "--generate",
+        "tiny",
+        "--steps",
+        "1",
+        "--backend",
+        "cuda",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if out.status.success() {
+        let report = stdout_json(&out);
+        let models = report["models"].as_array().unwrap();
+        assert_eq!(models.len(), 2);
+        for m in models {
+            let d = &m["device_memory"];
+            assert!(u(d, "weights_bytes") > 0 && u(d, "peak_bytes") >= u(d, "weights_bytes"));
+            assert_eq!(u(m, "weight_bytes"), u(d, "weights_bytes"));
+        }
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let not_built = err.contains("does not run on CUDA in this build");
+    assert!(not_built || err.contains("no CUDA device"), "{err}");
+    if not_built {
+        assert!(
+            !err.contains("generating"),
+            "failed only after generating: {err}"
+        );
+    } else {
+        assert!(!gpu_required(), "HIPRUNE_REQUIRE_GPU=1 but: {err}");
+    }
 }

@@ -22,6 +22,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use half::f16;
+use rayon::prelude::*;
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
@@ -165,12 +166,26 @@ fn tensor_list(cfg: &MmditConfig) -> Vec<(String, Vec<usize>, Init)> {
     out
 }
 
+/// Elements of one tensor generated per parallel work item.
+const CHUNK: usize = 1 << 18;
+
+/// The increment of [`SplitMix`]'s state per draw.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: a tiny, fast, well-mixed generator, enough for seeded test weights.
+/// Its state advances by a constant per draw, so the generator positioned at draw `j`
+/// of a stream is computed directly, which lets the pieces of one tensor be made in
+/// parallel and still give the sequential stream.
 struct SplitMix(u64);
 
 impl SplitMix {
+    /// The generator of stream `seed` positioned before its draw number `index`.
+    fn at(seed: u64, index: u64) -> Self {
+        SplitMix(seed.wrapping_add(index.wrapping_mul(GAMMA)))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -186,6 +201,60 @@ impl SplitMix {
     }
 }
 
+/// How the values of one tensor are made: one draw of its stream per element.
+struct TensorValues<'a> {
+    /// The tensor's stream (seed mixed with its name).
+    stream: u64,
+    init: Init,
+    /// The sin-cos table ([`Init::Sincos`] only).
+    table: &'a [f32],
+    f16: bool,
+}
+
+impl TensorValues<'_> {
+    /// Little-endian bytes of elements `start..end`.
+    fn encode(&self, start: usize, end: usize) -> Vec<u8> {
+        let elem = if self.f16 { 2 } else { 4 };
+        let mut out = Vec::with_capacity((end - start) * elem);
+        let mut rng = SplitMix::at(self.stream, start as u64);
+        for j in start..end {
+            let v = match self.init {
+                Init::Normal(s) => rng.normal() * s,
+                Init::One(s) => 1.0 + rng.normal() * s,
+                Init::Sincos => self.table.get(j).copied().unwrap_or(0.0),
+            };
+            if self.f16 {
+                out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+            } else {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Writes all `total` elements in order, made `chunk` at a time on the rayon pool
+    /// (a bounded number of pieces in flight, so memory stays small).
+    fn write(&self, w: &mut impl Write, total: usize, chunk: usize) -> std::io::Result<()> {
+        let chunk = chunk.max(1);
+        let round = chunk.saturating_mul(rayon::current_num_threads().max(1));
+        let mut start = 0;
+        while start < total {
+            let end = total.min(start.saturating_add(round));
+            let pieces: Vec<Vec<u8>> = (start..end)
+                .step_by(chunk)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|s| self.encode(s, end.min(s.saturating_add(chunk))))
+                .collect();
+            for piece in &pieces {
+                w.write_all(piece)?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+}
+
 /// FNV-1a of a tensor name, to give each tensor its own stream.
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -196,6 +265,16 @@ fn name_hash(name: &str) -> u64 {
 /// Writes a diffusers transformer folder with seeded random weights into `dir`
 /// (created if missing; existing files of the same names are replaced).
 pub fn generate_checkpoint(dir: &Path, opts: &GenerateOptions) -> Result<GenerateSummary> {
+    generate_with_chunk(dir, opts, CHUNK)
+}
+
+/// [`generate_checkpoint`] with the values of each tensor made in pieces of `chunk`
+/// elements, in parallel (the bytes do not depend on `chunk`).
+fn generate_with_chunk(
+    dir: &Path,
+    opts: &GenerateOptions,
+    chunk: usize,
+) -> Result<GenerateSummary> {
     opts.config.validate()?;
     if opts.max_shard_bytes == 0 {
         return Err(Error::invalid("shard size", "must be at least 1 byte"));
@@ -259,10 +338,8 @@ pub fn generate_checkpoint(dir: &Path, opts: &GenerateOptions) -> Result<Generat
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(&header).map_err(io)?;
-        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
         for &i in members {
             let (name, shape, init) = &tensors[i];
-            let mut rng = SplitMix(opts.seed ^ name_hash(name));
             let total: usize = shape.iter().product();
             let table = match init {
                 Init::Sincos => {
@@ -273,25 +350,13 @@ pub fn generate_checkpoint(dir: &Path, opts: &GenerateOptions) -> Result<Generat
                 }
                 _ => Vec::new(),
             };
-            let mut left = total;
-            while left > 0 {
-                let chunk = left.min(16384);
-                buf.clear();
-                for j in 0..chunk {
-                    let v = match *init {
-                        Init::Normal(s) => rng.normal() * s,
-                        Init::One(s) => 1.0 + rng.normal() * s,
-                        Init::Sincos => table.get(total - left + j).copied().unwrap_or(0.0),
-                    };
-                    if opts.f16 {
-                        buf.extend_from_slice(&f16::from_f32(v).to_le_bytes());
-                    } else {
-                        buf.extend_from_slice(&v.to_le_bytes());
-                    }
-                }
-                w.write_all(&buf).map_err(io)?;
-                left -= chunk;
-            }
+            let values = TensorValues {
+                stream: opts.seed ^ name_hash(name),
+                init: *init,
+                table: &table,
+                f16: opts.f16,
+            };
+            values.write(&mut w, total, chunk).map_err(io)?;
         }
         w.flush().map_err(io)?;
         paths.push(path);
@@ -334,4 +399,83 @@ pub fn config_json(cfg: &MmditConfig) -> String {
         "dual_attention_layers": cfg.dual_attention_layers,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sequential stream: one generator drawn `total` times from the start.
+    fn sequential(values: &TensorValues<'_>, total: usize) -> Vec<u8> {
+        let mut rng = SplitMix(values.stream);
+        let mut out = Vec::new();
+        for j in 0..total {
+            let v = match values.init {
+                Init::Normal(s) => rng.normal() * s,
+                Init::One(s) => 1.0 + rng.normal() * s,
+                Init::Sincos => values.table[j],
+            };
+            if values.f16 {
+                out.extend_from_slice(&f16::from_f32(v).to_le_bytes());
+            } else {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn positioned_generator_continues_the_stream() {
+        for seed in [0u64, 1, 0xdead_beef, u64::MAX] {
+            let mut seq = SplitMix(seed);
+            let draws: Vec<u64> = (0..1000).map(|_| seq.next()).collect();
+            for index in [0usize, 1, 2, 17, 500, 999] {
+                assert_eq!(SplitMix::at(seed, index as u64).next(), draws[index]);
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_writes_equal_the_sequential_stream() {
+        let table: Vec<f32> = (0..1237).map(|i| i as f32 * 0.25).collect();
+        for (init, f16) in [
+            (Init::Normal(0.3), true),
+            (Init::Normal(1.0), false),
+            (Init::One(0.05), true),
+            (Init::Sincos, false),
+        ] {
+            let values = TensorValues {
+                stream: 0x1234_5678 ^ name_hash("blocks.0.attn.to_q.weight"),
+                init,
+                table: &table,
+                f16,
+            };
+            for total in [0usize, 1, 7, 64, 1000, 1237] {
+                let want = sequential(&values, total);
+                for chunk in [0usize, 1, 3, 7, 64, 1 << 18] {
+                    let mut got = Vec::new();
+                    values.write(&mut got, total, chunk).unwrap();
+                    assert_eq!(got, want, "total {total}, chunk {chunk}, f16 {f16}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn checkpoint_bytes_do_not_depend_on_the_chunk_size() {
+        let opts = GenerateOptions {
+            seed: 11,
+            max_shard_bytes: 200_000,
+            ..GenerateOptions::new(Preset::Tiny.config())
+        };
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let sa = generate_with_chunk(a.path(), &opts, 5).unwrap();
+        let sb = generate_with_chunk(b.path(), &opts, CHUNK).unwrap();
+        assert!(sa.shards.len() > 1, "the test wants several shards");
+        assert_eq!(sa.shards.len(), sb.shards.len());
+        for (pa, pb) in sa.shards.iter().zip(&sb.shards) {
+            assert_eq!(std::fs::read(pa).unwrap(), std::fs::read(pb).unwrap());
+        }
+    }
 }

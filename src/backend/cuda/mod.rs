@@ -20,6 +20,7 @@
 pub mod device;
 pub mod launch;
 pub mod linear;
+pub mod timing;
 
 pub use device::{
     CudaBuffer, CudaDevice, CudaTensorF16, MemoryPurpose, MemoryReport, MemoryUsage,
@@ -27,3 +28,4 @@ pub use device::{
 };
 pub use launch::GEMV_MAX_M;
 pub use linear::{CudaDenseLinear, CudaQ4Linear, Q4Kernel};
+pub use timing::{CopyBandwidth, DeviceInfo, StreamTimer, measure_copy_bandwidth};

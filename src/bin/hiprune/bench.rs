@@ -21,10 +21,14 @@ use crate::bench_model::{ModelArgs, ModelRunArgs};
 use crate::forward::BackendChoice;
 use crate::report::{GpuInfo, OutputFormat, ReportHeader, Table, csv_line};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// What to benchmark.
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Linear-layer kernels: INT4/NF4/f16 weights against dense f32 at each shape and M.
+    /// Linear-layer kernels: INT4/NF4/f16 weights against the dense baseline (f32 on
+    /// the CPU, cuBLAS f16 on CUDA) at each shape and M.
     Kernels(KernelArgs),
     #[cfg(feature = "compress")]
     /// A whole model: per-step latency, sampling time and memory, dense and compressed
@@ -50,9 +54,10 @@ pub struct KernelArgs {
     /// Rows of x (tokens), comma-separated.
     #[arg(long, default_value = "1,256")]
     m: String,
-    /// Weights to compare with the dense f32 baseline: `int4` (symmetric, scale only),
-    /// `int4-asym` (scale and offset), `nf4` (4-bit, f32 activations), `f16` (dense f16
-    /// weights) and `int4-a8` (INT4 weights, per-token int8 activations).
+    /// Weights to compare with the dense baseline: `int4` (symmetric, scale only),
+    /// `int4-asym` (scale and offset), `nf4`, `f16` (dense f16 weights; on CUDA that is
+    /// the cuBLAS baseline, always measured) and `int4-a8` (INT4 weights, per-token int8
+    /// activations; CPU only). Activations are f32 on the CPU, f16 on CUDA.
     #[arg(long, default_value = "int4,nf4")]
     weights: String,
     /// Group (block) size of the 4-bit weights.
@@ -122,27 +127,17 @@ pub fn gpu_info(backend: BackendChoice) -> Option<GpuInfo> {
     }
 }
 
-/// CUDA HOOK (to fill when the CUDA backend lands): the card name, driver version,
-/// CUDA runtime version and device memory from `hiprune::backend::cuda`.
+/// The card name, capability, memory, driver and runtime versions and clocks of CUDA
+/// device 0 (`None` without a device or in a build without CUDA).
 fn cuda_device_info() -> Option<GpuInfo> {
-    None
-}
-
-/// CUDA HOOK (to fill when the CUDA backend lands): time `weights` (`f16` = the cuBLAS
-/// f16 baseline, `int4`/`nf4` = the 4-bit kernels) on `shapes` x `ms` with device
-/// events, warm-up first, and return one [`Measurement`] per (shape, M, weights) with
-/// the same fields as the CPU path; `copy_gbps` is the device-to-device copy bandwidth
-/// measured in the same run.
-#[cfg(feature = "cuda")]
-fn cuda_kernels(
-    _args: &KernelArgs,
-    _shapes: &[Shape],
-    _ms: &[usize],
-) -> Result<(Vec<Measurement>, f64)> {
-    Err(Error::Unsupported {
-        what: "bench kernels --backend cuda: the CUDA backend is not wired into the benchmark yet"
-            .to_string(),
-    })
+    #[cfg(feature = "cuda")]
+    {
+        cuda::device_info()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
 }
 
 /// One linear shape and how many layers of the model family have it (0 for a custom
@@ -163,10 +158,14 @@ struct Measurement {
     /// Linear layers of the model family with this shape (0: custom shape).
     layers_in_model: usize,
     weights: String,
+    /// What ran: `cpu` (the CPU kernels), `cublas`, `gemv` or `gemm` (CUDA).
+    kernel: String,
     weight_bytes: usize,
     /// Bytes moved once: weights + x + y.
     bytes_moved: usize,
     runs: usize,
+    /// Launches timed back to back in each run (CUDA; 1 on the CPU).
+    launches_per_run: usize,
     median_s: f64,
     min_s: f64,
     max_s: f64,
@@ -174,8 +173,10 @@ struct Measurement {
     q3_s: f64,
     gbps: f64,
     gflops: f64,
-    fraction_of_read_bandwidth: f64,
-    speedup_vs_f32: f64,
+    /// `gbps` over the bandwidth measured in the same run.
+    fraction_of_bandwidth: f64,
+    /// Baseline median over this median.
+    speedup_vs_baseline: f64,
 }
 
 #[derive(Serialize)]
@@ -184,7 +185,15 @@ struct KernelReport {
     shapes: String,
     group: usize,
     streamed: bool,
-    read_bandwidth_gbps: f64,
+    /// The dense baseline every row is compared with: `f32` (CPU) or `f16` (cuBLAS).
+    baseline: String,
+    /// What `bandwidth_gbps` measured.
+    bandwidth_measure: String,
+    /// The bandwidth measured in this run, GB/s.
+    bandwidth_gbps: f64,
+    /// The memory read bandwidth (CPU reports only; equals `bandwidth_gbps`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_bandwidth_gbps: Option<f64>,
     results: Vec<Measurement>,
 }
 
@@ -392,19 +401,28 @@ fn kernels(args: &KernelArgs) -> Result<()> {
             pool.install(|| kernels_cpu(args, &shapes, &ms, &variants, threads))?
         }
         #[cfg(feature = "cuda")]
-        BackendChoice::Cuda => cuda_kernels(args, &shapes, &ms)?,
+        BackendChoice::Cuda => cuda::kernels(args, &shapes, &ms, &variants)?,
         #[cfg(not(feature = "cuda"))]
         BackendChoice::Cuda => {
             check_backend(args.backend)?;
             return Ok(());
         }
     };
+    let cpu = matches!(args.backend, BackendChoice::Cpu);
     let report = KernelReport {
         header,
         shapes: args.shapes.clone(),
         group: args.group,
         streamed: !args.hot,
-        read_bandwidth_gbps: read_bw,
+        baseline: if cpu { "f32" } else { "f16 (cuBLAS)" }.to_string(),
+        bandwidth_measure: if cpu {
+            "memory read bandwidth (all threads)"
+        } else {
+            "device-to-device copy, read + written bytes"
+        }
+        .to_string(),
+        bandwidth_gbps: read_bw,
+        read_bandwidth_gbps: cpu.then_some(read_bw),
         results,
     };
     match OutputFormat::from_flags(args.json, args.csv) {
@@ -522,7 +540,7 @@ fn measure_shape(
         linear(&x, m, &lw, None, &mut y)
     })?;
     let dense_median = quantile(&dense_times, 0.5);
-    results.push(cell.measurement("f32", n * k * 4, &dense_times, dense_median));
+    results.push(cell.measurement("f32", "cpu", n * k * 4, &dense_times, 1, dense_median));
     for &v in variants {
         let (times, bytes) = match v {
             Variant::F16 => {
@@ -553,7 +571,7 @@ fn measure_shape(
                 (times, views[0].nbytes())
             }
         };
-        results.push(cell.measurement(v.name(), bytes, &times, dense_median));
+        results.push(cell.measurement(v.name(), "cpu", bytes, &times, 1, dense_median));
     }
     Ok(())
 }
@@ -568,12 +586,16 @@ struct Cell {
 }
 
 impl Cell {
+    /// The row of `weights` run by `kernel` from its sorted per-launch `times`
+    /// (`batch` launches per timed run), against the baseline's median.
     fn measurement(
         &self,
         weights: &str,
+        kernel: &str,
         weight_bytes: usize,
         times: &[f64],
-        dense_median: f64,
+        batch: usize,
+        baseline_median: f64,
     ) -> Measurement {
         let median = quantile(times, 0.5);
         let bytes_moved = weight_bytes + self.act_bytes;
@@ -584,9 +606,11 @@ impl Cell {
             m: self.m,
             layers_in_model: self.shape.layers,
             weights: weights.to_string(),
+            kernel: kernel.to_string(),
             weight_bytes,
             bytes_moved,
             runs: times.len(),
+            launches_per_run: batch,
             median_s: median,
             min_s: times.first().copied().unwrap_or(f64::NAN),
             max_s: times.last().copied().unwrap_or(f64::NAN),
@@ -594,8 +618,8 @@ impl Cell {
             q3_s: quantile(times, 0.75),
             gbps,
             gflops: self.flops / median / 1e9,
-            fraction_of_read_bandwidth: gbps / self.read_bw,
-            speedup_vs_f32: dense_median / median,
+            fraction_of_bandwidth: gbps / self.read_bw,
+            speedup_vs_baseline: baseline_median / median,
         }
     }
 }
@@ -603,7 +627,7 @@ impl Cell {
 fn kernel_table(report: &KernelReport) -> String {
     let mut out = report.header.text("hiprune bench kernels");
     out.push_str(&format!(
-        "  {:<12} {} | G = {} | weights {} | measured read bandwidth {:.1} GB/s\n\n",
+        "  {:<12} {} | G = {} | weights {} | baseline {}\n  {:<12} {:.1} GB/s ({})\n\n",
         "setup",
         report.shapes,
         report.group,
@@ -612,19 +636,23 @@ fn kernel_table(report: &KernelReport) -> String {
         } else {
             "cache-resident (--hot)"
         },
-        report.read_bandwidth_gbps
+        report.baseline,
+        "bandwidth",
+        report.bandwidth_gbps,
+        report.bandwidth_measure,
     ));
     let mut table = Table::new(&[
         "K x N",
         "layers",
         "M",
         "weights",
+        "kernel",
         "median ms",
         "min-max ms",
         "GB/s",
-        "% read bw",
+        "% bw",
         "GFLOP/s",
-        "vs f32",
+        "vs base",
     ]);
     for r in &report.results {
         table.row(vec![
@@ -636,26 +664,32 @@ fn kernel_table(report: &KernelReport) -> String {
             },
             r.m.to_string(),
             r.weights.clone(),
+            r.kernel.clone(),
             format!("{:.3}", r.median_s * 1e3),
             format!("{:.3}-{:.3}", r.min_s * 1e3, r.max_s * 1e3),
             format!("{:.1}", r.gbps),
-            format!("{:.0}%", 100.0 * r.fraction_of_read_bandwidth),
+            format!("{:.0}%", 100.0 * r.fraction_of_bandwidth),
             format!("{:.1}", r.gflops),
-            format!("{:.2}x", r.speedup_vs_f32),
+            format!("{:.2}x", r.speedup_vs_baseline),
         ]);
     }
     out.push_str(&table.render());
-    out.push_str(
-        "GB/s counts weights + x + y once each; vs f32 = dense f32 median / this median.\n",
-    );
+    out.push_str(&format!(
+        "GB/s counts weights + x + y once each; % bw = GB/s over the bandwidth above; vs base = {} median / this median.\n",
+        report.baseline
+    ));
     out
 }
 
 fn kernel_csv(report: &KernelReport) -> String {
     let mut out = report.header.csv_comments();
     out.push_str(&format!(
-        "# read bandwidth GB/s: {:.3}\n# streamed: {}\n# group: {}\n",
-        report.read_bandwidth_gbps, report.streamed, report.group
+        "# bandwidth GB/s: {:.3} ({})\n# baseline: {}\n# streamed: {}\n# group: {}\n",
+        report.bandwidth_gbps,
+        report.bandwidth_measure,
+        report.baseline,
+        report.streamed,
+        report.group
     ));
     out.push_str(&csv_line(
         &[
@@ -664,9 +698,11 @@ fn kernel_csv(report: &KernelReport) -> String {
             "m",
             "layers_in_model",
             "weights",
+            "kernel",
             "weight_bytes",
             "bytes_moved",
             "runs",
+            "launches_per_run",
             "median_s",
             "min_s",
             "max_s",
@@ -674,8 +710,8 @@ fn kernel_csv(report: &KernelReport) -> String {
             "q3_s",
             "gbps",
             "gflops",
-            "fraction_of_read_bandwidth",
-            "speedup_vs_f32",
+            "fraction_of_bandwidth",
+            "speedup_vs_baseline",
         ]
         .map(String::from),
     ));
@@ -686,9 +722,11 @@ fn kernel_csv(report: &KernelReport) -> String {
             r.m.to_string(),
             r.layers_in_model.to_string(),
             r.weights.clone(),
+            r.kernel.clone(),
             r.weight_bytes.to_string(),
             r.bytes_moved.to_string(),
             r.runs.to_string(),
+            r.launches_per_run.to_string(),
             format!("{:e}", r.median_s),
             format!("{:e}", r.min_s),
             format!("{:e}", r.max_s),
@@ -696,8 +734,8 @@ fn kernel_csv(report: &KernelReport) -> String {
             format!("{:e}", r.q3_s),
             format!("{:.4}", r.gbps),
             format!("{:.4}", r.gflops),
-            format!("{:.4}", r.fraction_of_read_bandwidth),
-            format!("{:.4}", r.speedup_vs_f32),
+            format!("{:.4}", r.fraction_of_bandwidth),
+            format!("{:.4}", r.speedup_vs_baseline),
         ]));
     }
     out

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use clap::Args;
+use hiprune::backend::Backend;
 use hiprune::backend::cpu::{DenseData, LinearWeights};
 use hiprune::compress::quantize::{CompressOptions, WeightFormat};
 use hiprune::compress::{
@@ -107,6 +108,30 @@ pub struct ModelRunArgs {
     /// Threads.
     #[arg(long)]
     threads: Option<usize>,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendChoice,
+}
+
+/// Device memory of one model run on a GPU: the allocator's accounting (bytes the
+/// backend asked for) and the driver's free-memory reading (all processes, with the
+/// driver's rounding and the context's own memory).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMemory {
+    /// Weight bytes on the device after loading.
+    pub weights_bytes: u64,
+    /// Peak bytes of activations and temporaries.
+    pub scratch_peak_bytes: u64,
+    /// Peak of weights + scratch together.
+    pub peak_bytes: u64,
+    /// Free device memory before loading.
+    pub driver_free_before_bytes: u64,
+    /// Free device memory after loading.
+    pub driver_free_after_load_bytes: u64,
+    /// Lowest free device memory seen after a step.
+    pub driver_free_min_bytes: u64,
+    /// `free before - lowest free`: what the run took from the device at its peak.
+    pub driver_used_peak_bytes: u64,
 }
 
 /// What one model measured (the child's JSON).
@@ -148,6 +173,9 @@ pub struct ModelRun {
     pub sampling_s: f64,
     /// Threads used.
     pub threads: usize,
+    /// Device memory (GPU runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_memory: Option<DeviceMemory>,
 }
 
 /// Ratios of the compressed model against the original, from one run.
@@ -157,6 +185,9 @@ pub struct Comparison {
     pub weight_bytes_reduction: f64,
     /// `1 - compressed / original` peak RSS.
     pub peak_rss_reduction: f64,
+    /// `1 - compressed / original` peak device memory (allocator accounting; GPU runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_reduction: Option<f64>,
     /// `1 - compressed / original` median step latency.
     pub step_latency_reduction: f64,
     /// `original / compressed` median step latency.
@@ -277,7 +308,9 @@ struct Target {
 pub fn run(args: &ModelArgs) -> Result<()> {
     check_backend(args.backend)?;
     if let BackendChoice::Cuda = args.backend {
-        return cuda_model_bench(args);
+        // Before generating or compressing anything: fail fast where the model cannot
+        // run on the GPU in this build.
+        cuda_model_check()?;
     }
     if args.steps == 0 {
         return Err(Error::invalid("--steps", "must be at least 1"));
@@ -302,6 +335,17 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         "each model runs in its own child process, so its peak RSS is its own".to_string(),
         "weight pages are touched before sampling; step times exclude loading".to_string(),
     ];
+    if let BackendChoice::Cuda = args.backend {
+        notes.push(
+            "device memory: weights, scratch and peak from the allocator's accounting; \
+             driver used = free before loading - lowest free after a step"
+                .to_string(),
+        );
+        notes.push(
+            "step times are wall-clock; each step ends with its output copied to the host"
+                .to_string(),
+        );
+    }
     let tmp = tempfile::Builder::new()
         .prefix("hiprune-bench-")
         .tempdir()
@@ -471,15 +515,132 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// CUDA HOOK (to fill when the CUDA backend lands): load each model on the device,
-/// time its steps with device events, and report weight bytes on the device, scratch
-/// and peak from the allocator's accounting and the driver's free-memory reading, in
-/// the same [`ModelRun`] fields as the CPU path.
-fn cuda_model_bench(_args: &ModelArgs) -> Result<()> {
-    Err(Error::Unsupported {
-        what: "bench model --backend cuda: the CUDA backend is not wired into the benchmark yet"
+/// Whether `bench model --backend cuda` can run the model in this build (see the CUDA
+/// MODEL HOOK in [`measure_model_cuda`]).
+const CUDA_MODEL_BENCH: bool = false;
+
+/// The error of `bench model --backend cuda` in a build whose CUDA backend cannot run
+/// the model yet.
+fn cuda_model_missing() -> Error {
+    Error::Unsupported {
+        what: "bench model --backend cuda: the model does not run on CUDA in this build yet \
+               (the CUDA kernels do: `hiprune bench kernels --backend cuda`)"
             .to_string(),
-    })
+    }
+}
+
+/// `Ok` where `bench model --backend cuda` can run.
+fn cuda_model_check() -> Result<()> {
+    if CUDA_MODEL_BENCH {
+        Ok(())
+    } else {
+        Err(cuda_model_missing())
+    }
+}
+
+/// Device memory readings around one model run (GPU backends); the CPU has none.
+trait MemoryProbe {
+    /// Called right before the model is loaded.
+    fn before_load(&mut self) -> Result<()>;
+    /// Called right after the model is loaded.
+    fn after_load(&mut self) -> Result<()>;
+    /// Called after each denoising step.
+    fn after_step(&mut self);
+    /// The figures of the run.
+    fn finish(&self) -> Option<DeviceMemory>;
+}
+
+/// The CPU's [`MemoryProbe`]: nothing to read.
+struct NoDeviceMemory;
+
+impl MemoryProbe for NoDeviceMemory {
+    fn before_load(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn after_load(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn after_step(&mut self) {}
+    fn finish(&self) -> Option<DeviceMemory> {
+        None
+    }
+}
+
+/// The [`MemoryProbe`] of a CUDA device: the handle's memory ledger and the driver's
+/// free memory. It must read the same `CudaDevice` handle (or a clone) the backend
+/// allocates through, or the ledger stays empty.
+#[cfg(feature = "cuda")]
+struct CudaMemoryProbe {
+    device: hiprune::backend::cuda::CudaDevice,
+    free_before: u64,
+    free_after_load: u64,
+    free_min: u64,
+    weights: u64,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaMemoryProbe {
+    fn new(device: &hiprune::backend::cuda::CudaDevice) -> Result<Self> {
+        let free = device.free_memory()?;
+        Ok(CudaMemoryProbe {
+            device: device.clone(),
+            free_before: free,
+            free_after_load: free,
+            free_min: free,
+            weights: 0,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl MemoryProbe for CudaMemoryProbe {
+    fn before_load(&mut self) -> Result<()> {
+        self.free_before = self.device.free_memory()?;
+        self.free_min = self.free_before;
+        Ok(())
+    }
+    fn after_load(&mut self) -> Result<()> {
+        self.device.synchronize()?;
+        self.free_after_load = self.device.free_memory()?;
+        self.free_min = self.free_min.min(self.free_after_load);
+        self.weights = self.device.memory().weights.current;
+        Ok(())
+    }
+    fn after_step(&mut self) {
+        // A failed reading only loses one sample; the step itself reports errors.
+        if let Ok(free) = self.device.free_memory() {
+            self.free_min = self.free_min.min(free);
+        }
+    }
+    fn finish(&self) -> Option<DeviceMemory> {
+        let m = self.device.memory();
+        Some(DeviceMemory {
+            weights_bytes: self.weights,
+            scratch_peak_bytes: m.scratch.peak,
+            peak_bytes: m.total.peak,
+            driver_free_before_bytes: self.free_before,
+            driver_free_after_load_bytes: self.free_after_load,
+            driver_free_min_bytes: self.free_min,
+            driver_used_peak_bytes: self.free_before.saturating_sub(self.free_min),
+        })
+    }
+}
+
+/// Measures one model on CUDA device 0 (the child of `bench model --backend cuda`).
+#[cfg(feature = "cuda")]
+fn measure_model_cuda(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
+    cuda_model_check()?;
+    let device = hiprune::backend::cuda::CudaDevice::new(0)?;
+    let mut probe = CudaMemoryProbe::new(&device)?;
+    // CUDA MODEL HOOK: the one missing piece is a CUDA `Backend` built on `device` (the
+    // same handle the probe reads, so its memory ledger counts the model). Once
+    // `hiprune::backend::cuda::CudaBackend` exists, set CUDA_MODEL_BENCH to true and
+    // replace the two lines below with, for example:
+    //
+    //     let backend = CudaBackend::with_device(device.clone())?;
+    //     measure_model(args, threads, |p| Mmdit::load_with(p, backend), &mut probe)
+    let _ = (args, &mut probe, threads);
+    Err(cuda_model_missing())
 }
 
 /// Compresses `source` into `dir/model.hpk`; returns the path and the seconds taken.
@@ -526,7 +687,8 @@ fn measure_in_child(target: &Target, args: &ModelArgs, resolution: usize) -> Res
         .args(["--resolution", &resolution.to_string()])
         .args(["--context-tokens", &args.context_tokens.to_string()])
         .args(["--steps", &args.steps.to_string()])
-        .args(["--seed", &args.seed.to_string()]);
+        .args(["--seed", &args.seed.to_string()])
+        .args(["--backend", backend_name(args.backend)]);
     if let Some(t) = args.threads {
         cmd.args(["--threads", &t.to_string()]);
     }
@@ -558,6 +720,10 @@ fn compare(orig: &ModelRun, comp: &ModelRun) -> Comparison {
     Comparison {
         weight_bytes_reduction: red(orig.weight_bytes as f64, comp.weight_bytes as f64),
         peak_rss_reduction: red(orig.peak_rss_bytes as f64, comp.peak_rss_bytes as f64),
+        peak_device_reduction: match (&orig.device_memory, &comp.device_memory) {
+            (Some(o), Some(c)) => Some(red(o.peak_bytes as f64, c.peak_bytes as f64)),
+            _ => None,
+        },
         step_latency_reduction: red(orig.step_median_s, comp.step_median_s),
         step_speedup: orig.step_median_s / comp.step_median_s,
         sampling_speedup: orig.sampling_s / comp.sampling_s,
@@ -594,31 +760,44 @@ fn model_table(r: &ModelReport) -> String {
         out.push_str(&format!("  {:<12} {note}\n", "note"));
     }
     out.push('\n');
-    let mut table = Table::new(&[
-        "model",
-        "blocks",
-        "linear weights",
-        "weight bytes",
+    let device = r.models.iter().any(|m| m.device_memory.is_some());
+    let mut columns = vec!["model", "blocks", "linear weights", "weight bytes"];
+    if device {
+        columns.extend(["device peak", "driver used"]);
+    }
+    columns.extend([
         "peak RSS",
         "scratch",
         "step median",
         "step min-max",
         "sampling",
     ]);
+    let mut table = Table::new(&columns);
     for m in &r.models {
-        table.row(vec![
+        let mut row = vec![
             m.label.clone(),
             format!("{}/{}", m.blocks_run, m.blocks_total),
             formats_text(m),
             human_bytes(m.weight_bytes),
+        ];
+        if device {
+            let d = m.device_memory.unwrap_or_default();
+            row.push(human_bytes(d.peak_bytes));
+            row.push(human_bytes(d.driver_used_peak_bytes));
+        }
+        row.extend([
             human_bytes(m.peak_rss_bytes),
             human_bytes(m.scratch_bytes),
             format!("{:.3} s", m.step_median_s),
             format!("{:.3}-{:.3} s", m.step_min_s, m.step_max_s),
             format!("{:.2} s", m.sampling_s),
         ]);
+        table.row(row);
     }
     out.push_str(&table.render());
+    if device {
+        out.push_str("weight bytes and scratch are on the device; peak RSS is the host process.\n");
+    }
     if let Some(c) = &r.comparison {
         out.push_str(&format!(
             "reduction, compressed vs original (same run): weight bytes {:.1}%, peak RSS {:.1}%, step latency {:.1}% (step {:.2}x, sampling {:.2}x as fast)\n",
@@ -628,6 +807,12 @@ fn model_table(r: &ModelReport) -> String {
             c.step_speedup,
             c.sampling_speedup
         ));
+        if let Some(d) = c.peak_device_reduction {
+            out.push_str(&format!(
+                "reduction of peak device memory (allocator accounting): {:.1}%\n",
+                100.0 * d
+            ));
+        }
     }
     out
 }
@@ -655,23 +840,40 @@ fn model_csv(r: &ModelReport) -> String {
             "step_min_s",
             "step_max_s",
             "sampling_s",
+            "device_weights_bytes",
+            "device_scratch_peak_bytes",
+            "device_peak_bytes",
+            "driver_used_peak_bytes",
         ]
         .map(String::from),
     ));
     for m in &r.models {
-        out.push_str(&csv_line(&[
-            m.label.clone(),
-            m.blocks_run.to_string(),
-            m.blocks_total.to_string(),
-            formats_text(m),
-            m.weight_bytes.to_string(),
-            m.peak_rss_bytes.to_string(),
-            m.scratch_bytes.to_string(),
-            format!("{:e}", m.step_median_s),
-            format!("{:e}", m.step_min_s),
-            format!("{:e}", m.step_max_s),
-            format!("{:e}", m.sampling_s),
-        ]));
+        out.push_str(&csv_line(
+            &[
+                m.label.clone(),
+                m.blocks_run.to_string(),
+                m.blocks_total.to_string(),
+                formats_text(m),
+                m.weight_bytes.to_string(),
+                m.peak_rss_bytes.to_string(),
+                m.scratch_bytes.to_string(),
+                format!("{:e}", m.step_median_s),
+                format!("{:e}", m.step_min_s),
+                format!("{:e}", m.step_max_s),
+                format!("{:e}", m.sampling_s),
+            ]
+            .into_iter()
+            .chain(
+                [
+                    m.device_memory.map(|d| d.weights_bytes),
+                    m.device_memory.map(|d| d.scratch_peak_bytes),
+                    m.device_memory.map(|d| d.peak_bytes),
+                    m.device_memory.map(|d| d.driver_used_peak_bytes),
+                ]
+                .map(|v| v.map(|b| b.to_string()).unwrap_or_default()),
+            )
+            .collect::<Vec<_>>(),
+        ));
     }
     out
 }
@@ -696,7 +898,7 @@ fn touch(bytes: &[u8]) -> u64 {
 
 /// Bytes of the linear weights as stored and of the other tensors' f32 copies, the
 /// number of linear layers per storage, with every weight page touched.
-fn weight_bytes(model: &Mmdit) -> Result<(u64, u64, BTreeMap<String, usize>)> {
+fn weight_bytes<B: Backend>(model: &Mmdit<B>) -> Result<(u64, u64, BTreeMap<String, usize>)> {
     let mut linear_bytes = 0u64;
     let mut other = 0u64;
     let mut formats = BTreeMap::new();
@@ -756,7 +958,18 @@ pub fn run_child(args: &ModelRunArgs) -> Result<()> {
         .num_threads(threads)
         .build()
         .map_err(|e| Error::invalid("--threads", e.to_string()))?;
-    let run = pool.install(|| measure_model(args, threads))?;
+    let run = match args.backend {
+        BackendChoice::Cpu => {
+            pool.install(|| measure_model(args, threads, |p| Mmdit::load(p), &mut NoDeviceMemory))?
+        }
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda => measure_model_cuda(args, threads)?,
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Cuda => {
+            check_backend(args.backend)?;
+            return Ok(());
+        }
+    };
     println!(
         "{}",
         serde_json::to_string(&run).map_err(|e| Error::invalid("report", e.to_string()))?
@@ -764,7 +977,14 @@ pub fn run_child(args: &ModelRunArgs) -> Result<()> {
     Ok(())
 }
 
-fn measure_model(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
+/// Measures one model on the backend `B`: `load` opens it, `probe` reads device
+/// memory around the run (nothing on the CPU).
+fn measure_model<B: Backend>(
+    args: &ModelRunArgs,
+    threads: usize,
+    load: impl FnOnce(&Path) -> Result<Mmdit<B>>,
+    probe: &mut dyn MemoryProbe,
+) -> Result<ModelRun> {
     if args.steps == 0 {
         return Err(Error::invalid("--steps", "must be at least 1"));
     }
@@ -777,8 +997,10 @@ fn measure_model(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
             ),
         ));
     }
+    probe.before_load()?;
     let t = Instant::now();
-    let model = Mmdit::load(&args.model)?;
+    let model = load(&args.model)?;
+    probe.after_load()?;
     let load_s = t.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let side = latent_side(&cfg, args.resolution)?;
@@ -808,11 +1030,13 @@ fn measure_model(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
     sample(&model, latent, &cond, &opts, |i, n, _| {
         let now = start.elapsed().as_secs_f64();
         if let Some(&prev) = marks.last() {
+            probe.after_step();
             eprintln!("  {label}: step {i}/{n} took {:.3} s", now - prev);
         }
         marks.push(now);
     })?;
     let sampling_s = start.elapsed().as_secs_f64();
+    probe.after_step();
     marks.push(sampling_s);
     eprintln!(
         "  {label}: step {}/{} took {:.3} s; sampling {sampling_s:.2} s",
@@ -824,6 +1048,15 @@ fn measure_model(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
     let mut sorted = step_s.clone();
     sorted.sort_by(f64::total_cmp);
     let peak = proc_status_bytes("VmHWM");
+    let device_memory = probe.finish();
+    // On a device, the weights and scratch that matter are the device's.
+    let (weight_total, scratch) = match &device_memory {
+        Some(d) => (d.weights_bytes, d.scratch_peak_bytes),
+        None => (
+            linear_weight_bytes + other_weight_bytes,
+            peak.saturating_sub(rss_before),
+        ),
+    };
     Ok(ModelRun {
         label: args.label.clone(),
         source: args.model.display().to_string(),
@@ -832,16 +1065,17 @@ fn measure_model(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
         linear_formats,
         linear_weight_bytes,
         other_weight_bytes,
-        weight_bytes: linear_weight_bytes + other_weight_bytes,
+        weight_bytes: weight_total,
         load_s,
         rss_before_sampling_bytes: rss_before,
         peak_rss_bytes: peak,
-        scratch_bytes: peak.saturating_sub(rss_before),
+        scratch_bytes: scratch,
         step_median_s: quantile(&sorted, 0.5),
         step_min_s: sorted.first().copied().unwrap_or(f64::NAN),
         step_max_s: sorted.last().copied().unwrap_or(f64::NAN),
         step_s,
         sampling_s,
         threads,
+        device_memory,
     })
 }

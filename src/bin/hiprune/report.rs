@@ -122,6 +122,14 @@ pub struct GpuInfo {
     pub cuda_version: String,
     /// Total device memory in bytes.
     pub memory_bytes: u64,
+    /// Compute capability, e.g. `9.0`.
+    pub compute_capability: String,
+    /// Streaming multiprocessors, where readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiprocessors: Option<u32>,
+    /// Peak clocks and bus width, where readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clocks: Option<String>,
 }
 
 /// The machine and build a bench report was measured on; printed at the top of every
@@ -186,16 +194,26 @@ impl ReportHeader {
             ("backend", self.backend.clone()),
         ];
         if let Some(gpu) = &self.gpu {
+            let sms = gpu
+                .multiprocessors
+                .map(|n| format!(", {n} SMs"))
+                .unwrap_or_default();
             out.push((
                 "gpu",
                 format!(
-                    "{} ({}), driver {}, CUDA {}",
+                    "{} (compute {}{sms}, {})",
                     gpu.name,
+                    gpu.compute_capability,
                     human_bytes(gpu.memory_bytes),
-                    gpu.driver,
-                    gpu.cuda_version
                 ),
             ));
+            out.push((
+                "cuda",
+                format!("driver {}, runtime {}", gpu.driver, gpu.cuda_version),
+            ));
+            if let Some(clocks) = &gpu.clocks {
+                out.push(("clocks", clocks.clone()));
+            }
         }
         out
     }
