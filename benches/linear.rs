@@ -40,7 +40,7 @@ fn q4_data(rng: &mut StdRng, kind: Q4Kind, n: usize, k: usize) -> Q4Data {
             Q4Kind::Int4 => (0..groups)
                 .map(|_| f16::from_f32(rng.random_range(-0.08..0.0)))
                 .collect(),
-            Q4Kind::Nf4 => Vec::new(),
+            Q4Kind::Nf4 | Q4Kind::Int4Sym => Vec::new(),
         },
     }
 }

@@ -22,6 +22,8 @@
  * - Linears compute y[m, n] = x[m, k] . W^T (+ bias[n] when bias is not NULL) with f16
  *   inputs and outputs and f32 accumulation. gemv launchers take 1 <= m <= 8, gemm
  *   launchers any m >= 1.
+ * - Alignment: qweight 16 bytes, x 16 bytes (gemm) or 4 bytes (gemv), scales, offsets,
+ *   bias and y 2 bytes (cudaMalloc gives 256); a misaligned buffer is an argument error.
  */
 #ifndef HIPRUNE_CUDA_LAUNCH_H
 #define HIPRUNE_CUDA_LAUNCH_H

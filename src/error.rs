@@ -179,6 +179,16 @@ pub enum Error {
         tensor: String,
     },
 
+    /// A tensor is present that a layer's precision rules out (a stray `.offsets` of a
+    /// symmetric INT4 layer, a stored table the manifest declares computed).
+    #[error("tensor `{tensor}` must not be present: {reason}")]
+    UnexpectedTensor {
+        /// The tensor.
+        tensor: String,
+        /// The rule it breaks.
+        reason: String,
+    },
+
     /// A layer the caller asked for is not declared in the package's manifest.
     #[error("layer `{layer}` is not in the package")]
     MissingLayer {
@@ -290,6 +300,27 @@ pub enum Error {
     #[error("no CUDA device: {reason}")]
     NoCudaDevice {
         /// Why none could be used.
+        reason: String,
+    },
+
+    /// A CUDA driver or cuBLAS call failed (including errors a kernel raised earlier on
+    /// the stream, which surface at the next call that synchronises).
+    #[error("CUDA call `{call}` failed: {reason}")]
+    Cuda {
+        /// The call or operation, e.g. `cuMemAlloc (weights of 2432x9728)`.
+        call: String,
+        /// The driver's or cuBLAS' error.
+        reason: String,
+    },
+
+    /// A CUDA launcher of `cuda/launch.h` refused its arguments or failed to launch.
+    #[error("CUDA launcher `{launcher}` returned status {status}: {reason}")]
+    CudaLaunch {
+        /// The launcher, e.g. `hp_launch_gemv_int4_f16`.
+        launcher: String,
+        /// Its `hp_launch_status`.
+        status: i32,
+        /// What the status means, with the shape launched.
         reason: String,
     },
 }

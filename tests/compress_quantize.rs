@@ -154,12 +154,28 @@ fn int4_package_is_smaller_and_close_to_dense() {
     let p = Package::open(&dst).unwrap();
     p.verify().unwrap();
     let m = p.manifest();
-    assert!(
-        m.layers
-            .iter()
-            .all(|l| l.precision == Precision::Int4 { group: 64 })
-    );
-    assert_eq!(p.tensor("pos_embed.pos_embed").unwrap().dtype(), Dtype::F16);
+    // `--weights int4` is symmetric INT4; the generated positional table is diffusers'
+    // sin-cos table, so it is computed at load, not stored.
+    for l in &m.layers {
+        if l.name == "pos_embed.pos_embed" {
+            assert!(
+                matches!(
+                    l.precision,
+                    Precision::Sincos2d {
+                        source: Dtype::F16,
+                        dtype: Dtype::F16,
+                        ..
+                    }
+                ),
+                "{:?}",
+                l.precision
+            );
+        } else {
+            assert_eq!(l.precision, Precision::Int4Sym { group: 64 }, "{}", l.name);
+            assert!(!p.contains(&format!("{}.offsets", l.name)));
+        }
+    }
+    assert!(!p.contains("pos_embed.pos_embed"));
     assert_eq!(
         p.tensor("transformer_blocks.0.attn.norm_q.weight")
             .unwrap()
@@ -170,7 +186,7 @@ fn int4_package_is_smaller_and_close_to_dense() {
     assert_eq!(m.architecture.as_ref(), Some(&cfg));
     assert_eq!(m.provenance.source, "ckpt");
     assert_eq!(m.provenance.source_bytes, summary.source_bytes);
-    assert!(m.provenance.quantizer.contains("int4"));
+    assert!(m.provenance.quantizer.contains("int4 rtn-symmetric"));
 
     let dense = Mmdit::load(&src).unwrap();
     let q = Mmdit::load(&dst).unwrap();
@@ -180,6 +196,52 @@ fn int4_package_is_smaller_and_close_to_dense() {
     let err = rel_l2(&a.data, &b.data);
     eprintln!("int4 relative error {err}");
     assert!(err > 0.0 && err < 0.35, "relative error {err}");
+
+    // The asymmetric layout (scale and offset per group) loads and runs too; it is
+    // larger by 2 bytes per group.
+    let dst_asym = dir.path().join("asym.hpk");
+    let s_asym = compress(
+        &src,
+        &dst_asym,
+        &CompressOptions {
+            weights: WeightFormat::Int4Asym,
+            ..CompressOptions::default()
+        },
+    )
+    .unwrap();
+    let pa = Package::open(&dst_asym).unwrap();
+    pa.verify().unwrap();
+    let n_q4 = pa
+        .manifest()
+        .layers
+        .iter()
+        .filter(|l| l.precision == Precision::Int4 { group: 64 })
+        .count();
+    assert_eq!(n_q4, summary.quantized_layers);
+    assert!(
+        pa.manifest()
+            .provenance
+            .quantizer
+            .contains("rtn-asymmetric")
+    );
+    let groups: u64 = pa
+        .manifest()
+        .layers
+        .iter()
+        .filter(|l| l.precision.q4().is_some())
+        .map(|l| l.out_features * l.in_features / 64)
+        .sum();
+    assert!(s_asym.output_bytes >= summary.output_bytes + 2 * groups);
+    let b_asym = Mmdit::load(&dst_asym)
+        .unwrap()
+        .forward(&inputs.get())
+        .unwrap();
+    let err_asym = rel_l2(&a.data, &b_asym.data);
+    eprintln!("int4-asym relative error {err_asym}");
+    assert!(
+        err_asym > 0.0 && err_asym < 0.35,
+        "relative error {err_asym}"
+    );
 
     // NF4 too, and it stays close as well.
     let dst2 = dir.path().join("nf4.hpk");
@@ -267,7 +329,7 @@ fn layers_whose_k_the_group_does_not_divide_stay_f16() {
     );
     assert_eq!(
         p2.layer("transformer_blocks.1.ff.net.2").unwrap().precision,
-        Precision::Int4 { group: 64 }
+        Precision::Int4Sym { group: 64 }
     );
     assert!(s2.output_bytes > s.output_bytes);
     Mmdit::load(&dst2).unwrap();
@@ -520,4 +582,123 @@ fn existing_output_is_replaced_only_on_success() {
     compress(&fixture("sd35"), &dst, &CompressOptions::default()).unwrap();
     let p = Package::open(&dst).unwrap();
     assert_eq!(p.manifest().kept_blocks, vec![0, 1, 2, 3]);
+}
+
+/// The forward of a package against the diffusers folder it came from, bit for bit.
+fn assert_bitwise_forward(package: &Path, folder: &Path) {
+    let file = TensorFile::open(folder.join("inputs.safetensors")).unwrap();
+    let inputs = MmditInputs {
+        hidden_states: file.get("hidden_states").unwrap(),
+        encoder_hidden_states: file.get("encoder_hidden_states").unwrap(),
+        pooled_projections: file.get("pooled_projections").unwrap(),
+        timestep: file.get("timestep").unwrap(),
+    };
+    let a = Mmdit::load(package).unwrap().forward(&inputs).unwrap();
+    let b = Mmdit::load(folder).unwrap().forward(&inputs).unwrap();
+    assert_eq!(a.shape, b.shape);
+    let bits = |t: &Tensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&b), "{}", folder.display());
+}
+
+/// Every fixture's table is diffusers' sin-cos table: a dense package stores no bytes
+/// for it, records it as computed, and runs bit for bit like the diffusers folder.
+#[test]
+fn fixture_tables_are_computed_not_stored_and_forward_is_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    // The f16 checkpoint is packaged in f16, so that its linears run the same f16
+    // kernel as the folder's (an f32 copy would sum in another order).
+    for (name, weights, source, dtype) in [
+        ("sd3", WeightFormat::F32, Dtype::F32, Dtype::F32),
+        ("sd35", WeightFormat::F32, Dtype::F32, Dtype::F32),
+        ("mmditx", WeightFormat::F32, Dtype::F32, Dtype::F32),
+        ("sd35_sharded", WeightFormat::F32, Dtype::F32, Dtype::F32),
+        ("sd3_f16", WeightFormat::F16, Dtype::F16, Dtype::F16),
+    ] {
+        let src = fixture(name);
+        let dst = dir.path().join(format!("{name}.hpk"));
+        let opts = CompressOptions {
+            weights,
+            ..CompressOptions::default()
+        };
+        compress(&src, &dst, &opts).unwrap();
+        let p = Package::open(&dst).unwrap();
+        assert!(!p.contains("pos_embed.pos_embed"), "{name}");
+        let entry = p.layer("pos_embed.pos_embed").unwrap();
+        assert_eq!(
+            entry.precision,
+            Precision::Sincos2d {
+                grid: 12,
+                base_size: 4,
+                source,
+                dtype,
+            },
+            "{name}"
+        );
+        assert_eq!((entry.out_features, entry.in_features), (144, 16));
+        assert!(entry.tensor_names().is_empty());
+        drop(p);
+        assert_bitwise_forward(&dst, &src);
+    }
+}
+
+/// A table that differs from the sin-cos one in a single element is stored as before,
+/// and the package's forward still equals the folder's.
+#[test]
+fn a_table_differing_in_one_element_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("sd35");
+    let edited = dir.path().join("edited");
+    std::fs::create_dir_all(&edited).unwrap();
+    std::fs::copy(src.join("config.json"), edited.join("config.json")).unwrap();
+    std::fs::copy(
+        src.join("inputs.safetensors"),
+        edited.join("inputs.safetensors"),
+    )
+    .unwrap();
+    let weights = src.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let mut file = TensorFile::open(&weights).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| (n.clone(), file.take(n).unwrap()))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(0x7ab1e);
+    let table = tensors
+        .iter_mut()
+        .find(|(n, _)| n == "pos_embed.pos_embed")
+        .unwrap();
+    let i = rng.random_range(0..table.1.data.len());
+    // One ulp off: still a plausible table, no longer the computed one.
+    table.1.data[i] = f32::from_bits(table.1.data[i].to_bits() + 1);
+    let edited_value = table.1.data[i];
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_tensors(edited.join("diffusion_pytorch_model.safetensors"), &refs).unwrap();
+
+    for weights in [WeightFormat::F32, WeightFormat::Int4] {
+        let dst = dir.path().join(format!("{weights}.hpk"));
+        let opts = CompressOptions {
+            weights,
+            ..CompressOptions::default()
+        };
+        compress(&edited, &dst, &opts).unwrap();
+        let p = Package::open(&dst).unwrap();
+        assert!(p.contains("pos_embed.pos_embed"), "{weights}");
+        assert!(p.layer("pos_embed.pos_embed").is_err());
+        if weights == WeightFormat::F32 {
+            let stored = p
+                .tensor("pos_embed.pos_embed")
+                .unwrap()
+                .to_f32_vec()
+                .unwrap();
+            assert_eq!(stored[i].to_bits(), edited_value.to_bits());
+            drop(p);
+            assert_bitwise_forward(&dst, &edited);
+        }
+    }
 }

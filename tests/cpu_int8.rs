@@ -292,3 +292,52 @@ fn errors_for_nf4_bad_lengths_and_unavailable_paths() {
     // M = 0 is an empty product, not an error.
     linear_q4_int8(path, &[], 0, &view, None, &mut []).unwrap();
 }
+
+/// Symmetric INT4 (no stored offsets) runs as INT4 with `offset = -8 * scale`: the same
+/// bits as that twin on every path, and within 1e-5 of the f64 integer reference.
+#[test]
+fn symmetric_int4_matches_its_offset_twin_on_every_path() {
+    let mut rng = StdRng::seed_from_u64(0x1a7e_0005);
+    for path in KernelPath::available() {
+        for &(m, n, k, group) in &[
+            (1usize, 7usize, 128usize, 32usize),
+            (17, 33, 2432, 64),
+            (64, 129, 384, 128),
+            (245, 161, 256, 32),
+        ] {
+            let base = random_int4(&mut rng, n, k, group);
+            let sym = Q4Matrix {
+                kind: Q4Kind::Int4Sym,
+                offsets: Vec::new(),
+                ..base.clone()
+            };
+            let twin = Q4Matrix {
+                offsets: sym
+                    .scales
+                    .iter()
+                    .map(|s| f16::from_f32(-8.0 * s.to_f32()))
+                    .collect(),
+                ..base
+            };
+            let x = random_x(&mut rng, m, k);
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let mut y_sym = vec![f32::NAN; m * n];
+            let mut y_twin = vec![f32::NAN; m * n];
+            linear_q4_int8(path, &x, m, &sym.view().unwrap(), Some(&bias), &mut y_sym).unwrap();
+            linear_q4_int8(path, &x, m, &twin.view().unwrap(), Some(&bias), &mut y_twin).unwrap();
+            assert_eq!(
+                y_sym.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y_twin.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{path} M={m} N={n} K={k} G={group}"
+            );
+            let xq = quantize_activations(&x, m, k).unwrap();
+            let (want, mag) = int8_reference(&xq, &twin, Some(&bias));
+            for ((&got, &r), &mg) in y_sym.iter().zip(&want).zip(&mag) {
+                assert!(
+                    (f64::from(got) - r).abs() <= 1e-5 * mg,
+                    "{path}: {got} vs {r}"
+                );
+            }
+        }
+    }
+}

@@ -71,7 +71,7 @@ fn dense_f32_f16_bf16_match_reference() {
 #[test]
 fn q4_panel_path_matches_reference() {
     let mut rng = StdRng::seed_from_u64(0x4b17);
-    for kind in [Q4Kind::Int4, Q4Kind::Nf4] {
+    for kind in [Q4Kind::Int4, Q4Kind::Nf4, Q4Kind::Int4Sym] {
         for &group in &[32usize, 64, 128] {
             for &(m, n, groups) in &[
                 (9, 1, 1),
@@ -85,7 +85,7 @@ fn q4_panel_path_matches_reference() {
                 let scales: Vec<f16> = (0..n * groups)
                     .map(|_| f16::from_f32(rng.random_range(0.001..0.1)))
                     .collect();
-                let offsets: Vec<f16> = if kind == Q4Kind::Int4 {
+                let offsets: Vec<f16> = if kind.has_offsets() {
                     (0..n * groups)
                         .map(|_| f16::from_f32(rng.random_range(-0.8..0.0)))
                         .collect()

@@ -84,7 +84,7 @@ fn check_case(rng: &mut StdRng, kind: Q4Kind, group: usize, m: usize, n: usize, 
 fn every_path_matches_reference_on_awkward_shapes() {
     let mut rng = seeded_rng();
     let ns = [1usize, 7, 33, 129];
-    for kind in [Q4Kind::Int4, Q4Kind::Nf4] {
+    for kind in [Q4Kind::Int4, Q4Kind::Nf4, Q4Kind::Int4Sym] {
         for group in [32usize, 64, 128] {
             for m in [1usize, 3, 17, 64] {
                 for _ in 0..2 {
@@ -111,7 +111,7 @@ fn threaded_split_matches_reference() {
         .build()
         .expect("thread pool");
     pool.install(|| {
-        for kind in [Q4Kind::Int4, Q4Kind::Nf4] {
+        for kind in [Q4Kind::Int4, Q4Kind::Nf4, Q4Kind::Int4Sym] {
             let n = rng.random_range(300..700);
             let group = [32, 64, 128][rng.random_range(0..3)];
             check_case(&mut rng, kind, group, 1, n, 2432);

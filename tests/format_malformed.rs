@@ -871,3 +871,126 @@ fn output_path_that_is_a_folder_fails_cleanly() {
     assert_eq!(listing(dir.path()), vec![target.clone()]);
     assert!(target.join("keep").exists());
 }
+
+/// A symmetric INT4 layer stores `.qweight` and `.scales` only: a stray `.offsets` and a
+/// missing `.scales` are both refused, by the reader and by the writer.
+#[test]
+fn symmetric_int4_layer_rules_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = valid_package(dir.path());
+
+    // The INT4 layer relabelled symmetric: its `.offsets` is now stray.
+    let mut raw = Raw::parse(&bytes);
+    let mut m = raw.manifest();
+    let layer = m.layers.iter_mut().find(|l| l.name == Q4_LAYER).unwrap();
+    layer.precision = Precision::Int4Sym { group: 64 };
+    raw.set_manifest(&m);
+    let r = open_bytes(dir.path(), &raw.bytes());
+    assert!(
+        matches!(&r, Err(Error::UnexpectedTensor { tensor, .. }) if *tensor == format!("{Q4_LAYER}.offsets")),
+        "{r:?}"
+    );
+
+    // The NF4 layer relabelled symmetric INT4: it has `.absmax`, not `.scales`.
+    let mut raw = Raw::parse(&bytes);
+    let mut m = raw.manifest();
+    let layer = m.layers.iter_mut().find(|l| l.name == NF4_LAYER).unwrap();
+    layer.precision = Precision::Int4Sym { group: 32 };
+    raw.set_manifest(&m);
+    let r = open_bytes(dir.path(), &raw.bytes());
+    assert!(
+        matches!(&r, Err(Error::MissingTensor { tensor }) if *tensor == format!("{NF4_LAYER}.scales")),
+        "{r:?}"
+    );
+
+    // The writer applies the same rule at finish.
+    let mut rng = StdRng::seed_from_u64(0xbad_0005);
+    let mut w = PackageWriter::create(dir.path().join("sym.hpk")).unwrap();
+    w.add_q4_layer("l", &random_q4(&mut rng, Q4Kind::Int4Sym, 3, 64, 32), None)
+        .unwrap();
+    w.add_f16("l.offsets", &[3, 2], &[f16::ZERO; 6]).unwrap();
+    let r = w.finish(PackageInfo::default());
+    assert!(
+        matches!(&r, Err(Error::UnexpectedTensor { tensor, .. }) if tensor == "l.offsets"),
+        "{r:?}"
+    );
+    assert!(!dir.path().join("sym.hpk").exists());
+}
+
+/// A computed sin-cos table: no stored tensor under its name, a square grid, a width
+/// that is a multiple of 4, no bias, float dtypes.
+#[test]
+fn computed_table_rules_are_checked() {
+    use hiprune::format::{Dtype, LayerEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = valid_package(dir.path());
+    let table = |name: &str, grid: u32, n: u64, k: u64| LayerEntry {
+        name: name.to_string(),
+        precision: Precision::Sincos2d {
+            grid,
+            base_size: 2,
+            source: Dtype::F32,
+            dtype: Dtype::F16,
+        },
+        out_features: n,
+        in_features: k,
+        has_bias: false,
+    };
+    let with_layer = |entry: LayerEntry| {
+        let mut raw = Raw::parse(&bytes);
+        let mut m = raw.manifest();
+        m.layers.push(entry);
+        raw.set_manifest(&m);
+        open_bytes(dir.path(), &raw.bytes())
+    };
+
+    // Valid: opens, and the entry stores nothing.
+    let pkg = with_layer(table("computed.table", 3, 9, 8)).unwrap();
+    assert!(
+        pkg.layer("computed.table")
+            .unwrap()
+            .tensor_names()
+            .is_empty()
+    );
+    drop(pkg);
+
+    // The stored `pos_embed.pos_embed` cannot also be declared computed.
+    let r = with_layer(table("pos_embed.pos_embed", 2, 4, 8));
+    assert!(
+        matches!(&r, Err(Error::UnexpectedTensor { tensor, .. }) if tensor == "pos_embed.pos_embed"),
+        "{r:?}"
+    );
+    for bad in [
+        table("t", 3, 8, 8), // not grid * grid
+        table("t", 3, 9, 6), // width not a multiple of 4
+        table("t", 0, 0, 8), // empty grid
+        LayerEntry {
+            has_bias: true,
+            ..table("t", 3, 9, 8)
+        },
+        LayerEntry {
+            precision: Precision::Sincos2d {
+                grid: 3,
+                base_size: 2,
+                source: Dtype::U8,
+                dtype: Dtype::F16,
+            },
+            ..table("t", 3, 9, 8)
+        },
+        LayerEntry {
+            precision: Precision::Sincos2d {
+                grid: 3,
+                base_size: 0,
+                source: Dtype::F32,
+                dtype: Dtype::F16,
+            },
+            ..table("t", 3, 9, 8)
+        },
+    ] {
+        let r = with_layer(bad.clone());
+        assert!(
+            matches!(&r, Err(Error::InvalidArgument { what, .. }) if what.contains("`t`")),
+            "{bad:?}: {r:?}"
+        );
+    }
+}

@@ -154,6 +154,22 @@ fn write_mixed(path: &Path, seed: u64) -> Written {
             true,
         ),
         (
+            "transformer_blocks.6.attn.to_q",
+            Q4Kind::Int4Sym,
+            9,
+            192,
+            64,
+            true,
+        ),
+        (
+            "transformer_blocks.6.attn.to_k",
+            Q4Kind::Int4Sym,
+            1,
+            128,
+            128,
+            false,
+        ),
+        (
             "transformer_blocks.5.attn.to_v",
             Q4Kind::Nf4,
             5,
@@ -190,10 +206,10 @@ fn write_mixed(path: &Path, seed: u64) -> Written {
             &[n, k / 2],
             &m.packed,
         );
-        let scales_name = if kind == Q4Kind::Int4 {
-            "scales"
-        } else {
+        let scales_name = if kind == Q4Kind::Nf4 {
             "absmax"
+        } else {
+            "scales"
         };
         expect(
             &mut tensors,
@@ -202,7 +218,7 @@ fn write_mixed(path: &Path, seed: u64) -> Written {
             &[n, g],
             bytemuck::cast_slice(&m.scales),
         );
-        if kind == Q4Kind::Int4 {
+        if kind.has_offsets() {
             expect(
                 &mut tensors,
                 &format!("{name}.offsets"),

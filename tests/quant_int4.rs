@@ -110,11 +110,13 @@ fn int4_row_function_matches_matrix() {
             for r in 0..n {
                 let mut p = vec![0u8; k / 2];
                 let mut s = vec![f16::ZERO; k / g];
-                let mut off = vec![f16::ZERO; k / g];
+                // Symmetric groups store no offsets.
+                let mut off = vec![f16::ZERO; if sym { 0 } else { k / g }];
                 quantize_int4_row(&w[r * k..(r + 1) * k], &o, &mut p, &mut s, &mut off).unwrap();
                 assert_eq!(p, m.packed[r * k / 2..(r + 1) * k / 2]);
                 assert_eq!(s, m.scales[r * k / g..(r + 1) * k / g]);
-                assert_eq!(off, m.offsets[r * k / g..(r + 1) * k / g]);
+                let ostride = off.len();
+                assert_eq!(off, m.offsets[r * ostride..(r + 1) * ostride]);
             }
         }
     }
@@ -162,8 +164,9 @@ fn int4_asymmetric_error_bound() {
     }
 }
 
-/// Symmetric: offset is exactly -8 * scale in f16, and the error is at most
-/// scale / 2 (the scale being at most absmax / 7.5) plus f16 slack.
+/// Symmetric: an `Int4Sym` matrix without offsets whose values are `scale * (q - 8)`,
+/// and the error is at most scale / 2 (the scale being at most absmax / 7.5) plus f16
+/// slack.
 #[test]
 fn int4_symmetric_offset_and_bound() {
     let mut rng = StdRng::seed_from_u64(2);
@@ -172,10 +175,18 @@ fn int4_symmetric_offset_and_bound() {
             let (n, k) = (3, 2 * g);
             let w = sample(&mut rng, dist, n * k);
             let m = quantize_int4(&w, n, k, &opts(g, true, false)).unwrap();
-            for (s, o) in m.scales.iter().zip(&m.offsets) {
-                assert_eq!(o.to_f32(), -8.0 * s.to_f32(), "offset must be -8 * scale");
-            }
+            assert_eq!(m.kind, Q4Kind::Int4Sym);
+            assert!(m.offsets.is_empty(), "symmetric INT4 stores no offsets");
+            assert_eq!(m.scales.len(), n * k / g);
             let d = deq(&m);
+            for r in 0..n {
+                for c in 0..k {
+                    let byte = m.packed[(r * k + c) / 2];
+                    let q = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                    let s = f64::from(m.scales[r * (k / g) + c / g].to_f32());
+                    assert_eq!(d[r * k + c], s * (f64::from(q) - 8.0));
+                }
+            }
             for r in 0..n {
                 for c in 0..k {
                     let gi = r * (k / g) + c / g;
@@ -200,7 +211,8 @@ fn int4_symmetric_uses_negative_level() {
     w[1] = 7.0;
     let m = quantize_int4(&w, 1, 32, &opts(32, true, false)).unwrap();
     assert_eq!(m.scales[0].to_f32(), 1.0);
-    assert_eq!(m.offsets[0].to_f32(), -8.0);
+    assert!(m.offsets.is_empty());
+    // -8.5 takes code 0, i.e. the level -8.
     let d = deq(&m);
     assert_eq!(d[1], 7.0);
     assert_eq!(d[2], 0.0);
@@ -434,4 +446,52 @@ fn int4_large_matrix_parallel_matches_rows() {
         assert_eq!(p, m.packed[r * k / 2..(r + 1) * k / 2]);
         assert_eq!(s, m.scales[r * 3..(r + 1) * 3]);
     }
+}
+
+/// The symmetric kind stores the codes and scales the offset form `-8 * scale` would
+/// store, and dequantises to the same values in f32 (the kernels' arithmetic) and f64.
+#[test]
+fn int4_symmetric_equals_offset_form() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for &g in &GROUPS {
+        for &dist in &[Dist::Normal, Dist::HeavyTailed, Dist::Shifted] {
+            for clip in [false, true] {
+                let (n, k) = (rng.random_range(1..9usize), g * rng.random_range(1..4usize));
+                let w = sample(&mut rng, dist, n * k);
+                let m = quantize_int4(&w, n, k, &opts(g, true, clip)).unwrap();
+                let twin = Q4Matrix {
+                    kind: Q4Kind::Int4,
+                    offsets: m
+                        .scales
+                        .iter()
+                        .map(|s| f16::from_f32(-8.0 * s.to_f32()))
+                        .collect(),
+                    ..m.clone()
+                };
+                assert_eq!(deq(&m), deq(&twin), "G={g} {dist:?} clip={clip}");
+                let (mut a, mut b) = (vec![f32::NAN; k], vec![f32::NAN; k]);
+                for r in 0..n {
+                    m.view().unwrap().dequantize_row(r, &mut a);
+                    twin.view().unwrap().dequantize_row(r, &mut b);
+                    assert_eq!(
+                        a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+    // The row function refuses offset buffers for symmetric groups.
+    let row = vec![0.5f32; 64];
+    let (mut p, mut s, mut off) = (vec![0u8; 32], vec![f16::ZERO; 2], vec![f16::ZERO; 2]);
+    let o = opts(32, true, false);
+    assert!(matches!(
+        quantize_int4_row(&row, &o, &mut p, &mut s, &mut off),
+        Err(Error::LengthMismatch {
+            expected: 0,
+            found: 2,
+            ..
+        })
+    ));
+    quantize_int4_row(&row, &o, &mut p, &mut s, &mut []).unwrap();
 }

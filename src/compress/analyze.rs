@@ -27,10 +27,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{DenseData, LinearWeights, ops};
+use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::compress::report::{BlockScores, ComponentScore, SensitivityReport};
 use crate::error::{Error, Result};
 use crate::model::layout::{Required, block_tensors};
+use crate::model::mmdit::Streams;
 use crate::model::sampler::{DEFAULT_SHIFT, flow_match_schedule};
 use crate::model::{Mmdit, MmditInputs, Tensor, TensorFile};
 
@@ -166,17 +167,11 @@ fn block_influence(model: &Mmdit, batch: &Batch) -> Result<Vec<(usize, f32)>> {
     let inputs = batch.inputs();
     let dims = model.check_inputs(&inputs)?;
     let d = model.config().hidden_size();
-    let mut x = model.embed_patches(inputs.hidden_states, &dims)?;
-    let mut silu_temb =
-        model.embed_conditioning(inputs.timestep, inputs.pooled_projections, dims.batch)?;
-    ops::silu(&mut silu_temb);
-    let mut c = model.lin(
-        "context_embedder",
-        &inputs.encoder_hidden_states.data,
-        dims.batch * dims.n_ctx,
-        d,
-        model.config().joint_attention_dim,
-    )?;
+    let Streams {
+        mut x,
+        mut c,
+        silu_temb,
+    } = model.embed(&inputs, &dims)?;
     let kept = model.prune_spec().kept_blocks(model.config().num_layers);
     let mut out = Vec::with_capacity(kept.len());
     for (pos, &i) in kept.iter().enumerate() {
@@ -184,7 +179,7 @@ fn block_influence(model: &Mmdit, batch: &Batch) -> Result<Vec<(usize, f32)>> {
         model.block(i, pos + 1 == kept.len(), &mut x, &mut c, &silu_temb, &dims)?;
         let mut sum = 0.0f64;
         let mut count = 0usize;
-        for (a, b) in before.chunks_exact(d).zip(x.chunks_exact(d)) {
+        for (a, b) in before.data().chunks_exact(d).zip(x.data().chunks_exact(d)) {
             let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
             for (&u, &v) in a.iter().zip(b) {
                 dot += u as f64 * v as f64;

@@ -11,8 +11,11 @@
 //!
 //! Values: Linear weights ~ N(0, 1/K) (a variance-preserving init, so activations stay
 //! bounded through many blocks), biases and the patch convolution ~ N(0, 0.02^2),
-//! qk-norm weights 1 + N(0, 0.05^2), the positional table ~ N(0, 0.1^2). The normal
-//! samples are a sum of three uniforms (close to normal, cheap to draw).
+//! qk-norm weights 1 + N(0, 0.05^2). The normal samples are a sum of three uniforms
+//! (close to normal, cheap to draw). The positional table is not random: it is the 2D
+//! sin-cos table diffusers' `PatchEmbed` initialises it with (computed in f64, rounded
+//! to f32, then to the checkpoint's dtype), as in a real checkpoint. It is the one
+//! tensor held whole in memory while written.
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
@@ -23,6 +26,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 use crate::model::layout::{Required, required_tensors};
+use crate::model::pos_embed::sincos_2d_f32;
 use crate::model::weights::SHARD_INDEX;
 use crate::model::{MmditConfig, PruneSpec};
 
@@ -128,6 +132,9 @@ enum Init {
     Normal(f32),
     /// 1 + N(0, std^2).
     One(f32),
+    /// diffusers' 2D sin-cos positional table (not random: `PatchEmbed` initialises
+    /// its buffer with it).
+    Sincos,
 }
 
 /// Every tensor of the full model with its shape and init.
@@ -145,7 +152,7 @@ fn tensor_list(cfg: &MmditConfig) -> Vec<(String, Vec<usize>, Init)> {
             }
             Required::Plain { name, shape } => {
                 let init = if name.ends_with(".pos_embed") {
-                    Init::Normal(0.1)
+                    Init::Sincos
                 } else if name.contains(".norm_") {
                     Init::One(0.05)
                 } else {
@@ -256,14 +263,25 @@ pub fn generate_checkpoint(dir: &Path, opts: &GenerateOptions) -> Result<Generat
         for &i in members {
             let (name, shape, init) = &tensors[i];
             let mut rng = SplitMix(opts.seed ^ name_hash(name));
-            let mut left: usize = shape.iter().product();
+            let total: usize = shape.iter().product();
+            let table = match init {
+                Init::Sincos => {
+                    let cfg = &opts.config;
+                    let base = cfg.sample_size / cfg.patch_size;
+                    let dim = cfg.hidden_size();
+                    sincos_2d_f32(cfg.pos_embed_max_size, base, dim)?
+                }
+                _ => Vec::new(),
+            };
+            let mut left = total;
             while left > 0 {
                 let chunk = left.min(16384);
                 buf.clear();
-                for _ in 0..chunk {
+                for j in 0..chunk {
                     let v = match *init {
                         Init::Normal(s) => rng.normal() * s,
                         Init::One(s) => 1.0 + rng.normal() * s,
+                        Init::Sincos => table.get(total - left + j).copied().unwrap_or(0.0),
                     };
                     if opts.f16 {
                         buf.extend_from_slice(&f16::from_f32(v).to_le_bytes());

@@ -10,6 +10,11 @@
 //! - every bias as f32;
 //! - the patch convolution, the positional table and the qk-norm weights as f16 (f32
 //!   when a value does not fit in f16, or when the whole package is f32);
+//! - except that the positional table is not stored at all when it equals, bit for bit,
+//!   the 2D sin-cos table diffusers initialises it with
+//!   ([`sincos_2d_table`](crate::model::pos_embed::sincos_2d_table)): the manifest then
+//!   records it as [`Precision::Sincos2d`] and the loader computes it, giving exactly
+//!   the values the stored table would have had;
 //! - the tensors of removed blocks are not read at all.
 //!
 //! Memory: the checkpoint is memory-mapped ([`Weights::from_folder`]); one Linear at a
@@ -28,8 +33,9 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
-use crate::format::{PackageInfo, PackageWriter, Precision, Provenance};
+use crate::format::{Dtype, LayerEntry, PackageInfo, PackageWriter, Precision, Provenance};
 use crate::model::layout::{Required, required_tensors};
+use crate::model::pos_embed::{round_value, sincos_2d_f32};
 use crate::model::weights::{SHARD_INDEX, SINGLE_FILE};
 use crate::model::{MmditConfig, PruneSpec, Weights};
 use crate::quant::{
@@ -43,7 +49,8 @@ const ROW_BLOCK: usize = 64;
 /// Storage of the Linear weights in the package.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WeightFormat {
-    /// INT4 with per-group f16 scale and offset (asymmetric round-to-nearest).
+    /// Symmetric INT4 with one f16 scale per group and no offset,
+    /// `w = scale * (q - 8)` (4.25 bits per weight at group 64).
     Int4,
     /// NF4 with per-block f16 absmax.
     Nf4,
@@ -51,13 +58,17 @@ pub enum WeightFormat {
     F16,
     /// Dense f32 (everything else f32 too: a lossless copy of an f32 checkpoint).
     F32,
+    /// Asymmetric INT4 with per-group f16 scale and offset (4.5 bits per weight at
+    /// group 64).
+    Int4Asym,
 }
 
 impl WeightFormat {
     /// The 4-bit kind, `None` for dense formats.
     pub fn q4_kind(self) -> Option<Q4Kind> {
         match self {
-            WeightFormat::Int4 => Some(Q4Kind::Int4),
+            WeightFormat::Int4 => Some(Q4Kind::Int4Sym),
+            WeightFormat::Int4Asym => Some(Q4Kind::Int4),
             WeightFormat::Nf4 => Some(Q4Kind::Nf4),
             WeightFormat::F16 | WeightFormat::F32 => None,
         }
@@ -70,9 +81,13 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 => 4 * n * k,
             WeightFormat::F16 => 2 * n * k,
-            WeightFormat::Int4 | WeightFormat::Nf4 if g == 0 || k % g as u64 != 0 => 2 * n * k,
-            WeightFormat::Int4 => n * k / 2 + 4 * n * (k / g as u64),
-            WeightFormat::Nf4 => n * k / 2 + 2 * n * (k / g as u64),
+            WeightFormat::Int4 | WeightFormat::Int4Asym | WeightFormat::Nf4
+                if g == 0 || k % g as u64 != 0 =>
+            {
+                2 * n * k
+            }
+            WeightFormat::Int4Asym => n * k / 2 + 4 * n * (k / g as u64),
+            WeightFormat::Int4 | WeightFormat::Nf4 => n * k / 2 + 2 * n * (k / g as u64),
         }
     }
 }
@@ -81,6 +96,7 @@ impl std::fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             WeightFormat::Int4 => "int4",
+            WeightFormat::Int4Asym => "int4-asym",
             WeightFormat::Nf4 => "nf4",
             WeightFormat::F16 => "f16",
             WeightFormat::F32 => "f32",
@@ -95,7 +111,7 @@ pub struct CompressOptions {
     pub weights: WeightFormat,
     /// Group (INT4) or block (NF4) size along K: 32, 64 or 128.
     pub group: usize,
-    /// INT4 only: search each group for a clipped range with a smaller error.
+    /// INT4 (either kind) only: search each group for a clipped range with a smaller error.
     pub clip_search: bool,
     /// Blocks to remove (sub-component masks cannot be stored in a package).
     pub spec: PruneSpec,
@@ -111,7 +127,7 @@ pub struct CompressOptions {
 }
 
 impl Default for CompressOptions {
-    /// INT4, group 64, no clip search, nothing pruned.
+    /// Symmetric INT4, group 64, no clip search, nothing pruned.
     fn default() -> Self {
         CompressOptions {
             weights: WeightFormat::Int4,
@@ -203,9 +219,13 @@ pub fn checkpoint_bytes(dir: &Path) -> Result<u64> {
 fn quantizer_name(opts: &CompressOptions) -> String {
     match opts.weights {
         WeightFormat::Int4 if opts.clip_search => {
+            format!("int4 rtn-symmetric+clip-search g{}", opts.group)
+        }
+        WeightFormat::Int4 => format!("int4 rtn-symmetric g{}", opts.group),
+        WeightFormat::Int4Asym if opts.clip_search => {
             format!("int4 rtn-asymmetric+clip-search g{}", opts.group)
         }
-        WeightFormat::Int4 => format!("int4 rtn-asymmetric g{}", opts.group),
+        WeightFormat::Int4Asym => format!("int4 rtn-asymmetric g{}", opts.group),
         WeightFormat::Nf4 => format!("nf4-rtn b{}", opts.group),
         WeightFormat::F16 => "none (f16)".to_string(),
         WeightFormat::F32 => "none (f32)".to_string(),
@@ -300,7 +320,7 @@ pub fn compress_checkpoint(
                     });
                 };
                 match fmt {
-                    WeightFormat::Int4 | WeightFormat::Nf4 => {
+                    WeightFormat::Int4 | WeightFormat::Int4Asym | WeightFormat::Nf4 => {
                         let q = quantize_dense(name, &data, *n, *k, fmt, opts)?;
                         writer.add_q4_layer(name, &q, Some(&bias))?;
                         quantized_layers += 1;
@@ -338,7 +358,16 @@ pub fn compress_checkpoint(
             Required::Plain { name, shape } => {
                 let data = weights.f32_tensor(name, shape)?;
                 let fits_f16 = data.iter().all(|v| f16::from_f32(*v).is_finite());
-                if opts.weights == WeightFormat::F32 || !fits_f16 {
+                let stored = if opts.weights == WeightFormat::F32 || !fits_f16 {
+                    Dtype::F32
+                } else {
+                    Dtype::F16
+                };
+                if name == POS_TABLE
+                    && let Some(entry) = computed_pos_table(&config, &data, stored)?
+                {
+                    writer.add_layer_entry(entry)?;
+                } else if stored == Dtype::F32 {
                     writer.add_f32(name, shape, &data)?;
                 } else {
                     let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
@@ -390,6 +419,54 @@ pub fn compress_checkpoint(
     })
 }
 
+/// Name of the positional table of the patch embedding.
+const POS_TABLE: &str = "pos_embed.pos_embed";
+
+/// The manifest entry that replaces the positional table `data` (`[1, m * m, D]` as
+/// f32) when it equals diffusers' sin-cos table rounded through some float dtype;
+/// `stored` is the dtype the package would store it in. `None` when it differs in any
+/// element (or the config gives no integer `base_size`).
+fn computed_pos_table(
+    cfg: &MmditConfig,
+    data: &[f32],
+    stored: Dtype,
+) -> Result<Option<LayerEntry>> {
+    let grid = cfg.pos_embed_max_size;
+    let dim = cfg.hidden_size();
+    let base_size = cfg.sample_size / cfg.patch_size.max(1);
+    if base_size == 0 || !dim.is_multiple_of(4) || data.len() != grid * grid * dim {
+        return Ok(None);
+    }
+    let (Ok(grid32), Ok(base32)) = (u32::try_from(grid), u32::try_from(base_size)) else {
+        return Ok(None);
+    };
+    let table = sincos_2d_f32(grid, base_size, dim)?;
+    // The checkpoint's dtype is not needed: f16 and bf16 widen to f32 exactly, so the
+    // table matches a dtype exactly when rounding through it reproduces `data`.
+    // Rounded element by element, so no second table-sized buffer is held.
+    for source in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+        let equal = table
+            .par_iter()
+            .zip(data.par_iter())
+            .all(|(&t, &d)| round_value(t, source).is_some_and(|v| v.to_bits() == d.to_bits()));
+        if equal {
+            return Ok(Some(LayerEntry {
+                name: POS_TABLE.to_string(),
+                precision: Precision::Sincos2d {
+                    grid: grid32,
+                    base_size: base32,
+                    source,
+                    dtype: stored,
+                },
+                out_features: (grid * grid) as u64,
+                in_features: dim as u64,
+                has_bias: false,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// The block index of `transformer_blocks.<i>.…`, `None` for top-level tensors.
 fn block_index(name: &str) -> Option<usize> {
     name.strip_prefix("transformer_blocks.")?
@@ -402,7 +479,7 @@ fn block_index(name: &str) -> Option<usize> {
 /// The storage of one Linear layer and, for a dense fallback, why.
 fn layer_format(opts: &CompressOptions, k: usize, protected: bool) -> (WeightFormat, String) {
     match opts.weights {
-        WeightFormat::Int4 | WeightFormat::Nf4 => {
+        WeightFormat::Int4 | WeightFormat::Int4Asym | WeightFormat::Nf4 => {
             if protected {
                 (
                     WeightFormat::F16,
@@ -447,20 +524,20 @@ fn quantize_dense(
     fmt: WeightFormat,
     opts: &CompressOptions,
 ) -> Result<Q4Matrix> {
-    let kind = fmt.q4_kind().unwrap_or(Q4Kind::Int4);
+    let kind = fmt.q4_kind().unwrap_or(Q4Kind::Int4Sym);
     let g = opts.group;
     check_q4_dims(kind, name, k, g)?;
     let gpr = k / g;
     let mut packed = vec![0u8; n * (k / 2)];
     let mut scales = vec![f16::ZERO; n * gpr];
-    let mut offsets = if kind == Q4Kind::Int4 {
+    let mut offsets = if kind.has_offsets() {
         vec![f16::ZERO; n * gpr]
     } else {
         Vec::new()
     };
     let int4 = Int4Options {
         group: g,
-        symmetric: false,
+        symmetric: kind == Q4Kind::Int4Sym,
         clip_search: opts.clip_search,
     };
     let mut buf = vec![0.0f32; ROW_BLOCK.min(n) * k];
@@ -477,28 +554,39 @@ fn quantize_dense(
                 e.to_string(),
             )
         };
-        let failure = if kind == Q4Kind::Int4 {
-            let o = &mut offsets[r0 * gpr..(r0 + rows) * gpr];
-            rows_f32
+        let failure = match kind {
+            Q4Kind::Int4 => {
+                let o = &mut offsets[r0 * gpr..(r0 + rows) * gpr];
+                rows_f32
+                    .par_chunks(k)
+                    .zip(p.par_chunks_mut(k / 2))
+                    .zip(s.par_chunks_mut(gpr))
+                    .zip(o.par_chunks_mut(gpr))
+                    .enumerate()
+                    .find_map_first(|(r, (((row, p), s), o))| {
+                        quantize_int4_row(row, &int4, p, s, o)
+                            .err()
+                            .map(|e| row_err(r, e))
+                    })
+            }
+            Q4Kind::Int4Sym => rows_f32
                 .par_chunks(k)
                 .zip(p.par_chunks_mut(k / 2))
                 .zip(s.par_chunks_mut(gpr))
-                .zip(o.par_chunks_mut(gpr))
                 .enumerate()
-                .find_map_first(|(r, (((row, p), s), o))| {
-                    quantize_int4_row(row, &int4, p, s, o)
+                .find_map_first(|(r, ((row, p), s))| {
+                    quantize_int4_row(row, &int4, p, s, &mut [])
                         .err()
                         .map(|e| row_err(r, e))
-                })
-        } else {
-            rows_f32
+                }),
+            Q4Kind::Nf4 => rows_f32
                 .par_chunks(k)
                 .zip(p.par_chunks_mut(k / 2))
                 .zip(s.par_chunks_mut(gpr))
                 .enumerate()
                 .find_map_first(|(r, ((row, p), s))| {
                     quantize_nf4_row(row, g, p, s).err().map(|e| row_err(r, e))
-                })
+                }),
         };
         if let Some(e) = failure {
             return Err(e);

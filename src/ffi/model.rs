@@ -43,6 +43,8 @@ fn weight_bytes(model: &Mmdit) -> crate::Result<WeightBytes> {
     let mut out = WeightBytes::default();
     for req in required_tensors(model.config(), model.prune_spec()) {
         if let Required::Linear { name, n, k } = req {
+            // The f32 bias, held with the layer.
+            out.other += 4 * n as u64;
             let count = (n * k) as u64;
             match model.weights().linear(&name, n, k)? {
                 LinearWeights::Dense { data, .. } => match data {
@@ -54,14 +56,18 @@ fn weight_bytes(model: &Mmdit) -> crate::Result<WeightBytes> {
                     let bytes =
                         (q.packed().len() + 2 * (q.scales().len() + q.offsets().len())) as u64;
                     match q.kind() {
-                        Q4Kind::Int4 => out.int4 += bytes,
+                        Q4Kind::Int4 | Q4Kind::Int4Sym => out.int4 += bytes,
                         Q4Kind::Nf4 => out.nf4 += bytes,
                     }
                 }
             }
         }
     }
-    out.other = model.small.values().map(|v| 4 * v.len() as u64).sum();
+    out.other += model
+        .small
+        .values()
+        .map(|v| 4 * v.len() as u64)
+        .sum::<u64>();
     Ok(out)
 }
 

@@ -87,6 +87,29 @@ pub enum Precision {
         /// Block size along K.
         block: u32,
     },
+    /// Symmetric INT4, `w = scale * (q - 8)`: `<name>.qweight` U8 `[N, K/2]` and
+    /// `<name>.scales` F16 `[N, K/group]`, no offsets.
+    Int4Sym {
+        /// Group size along K.
+        group: u32,
+    },
+    /// Not a linear layer: the 2D sin-cos positional table of diffusers' `PatchEmbed`
+    /// (`get_2d_sincos_pos_embed`), `[1, grid * grid, D]` with `out_features = grid *
+    /// grid` and `in_features = D`, computed at load instead of stored. The package
+    /// holds no tensor for it. The table is computed in f64, rounded to f32 (as
+    /// diffusers does), then to `source` (the checkpoint's dtype, which it matched bit
+    /// for bit) and to `dtype` (the dtype the package would have stored it in).
+    Sincos2d {
+        /// Side of the square grid (`pos_embed_max_size`).
+        grid: u32,
+        /// diffusers' `base_size`, `sample_size / patch_size`: positions are scaled by
+        /// `base_size / grid`.
+        base_size: u32,
+        /// dtype of the checkpoint's table.
+        source: Dtype,
+        /// dtype the package's table would have had.
+        dtype: Dtype,
+    },
 }
 
 impl std::fmt::Display for Precision {
@@ -97,6 +120,14 @@ impl std::fmt::Display for Precision {
             Precision::Bf16 => f.write_str("bf16"),
             Precision::Int4 { group } => write!(f, "int4/g{group}"),
             Precision::Nf4 { block } => write!(f, "nf4/b{block}"),
+            Precision::Int4Sym { group } => write!(f, "int4sym/g{group}"),
+            Precision::Sincos2d { dtype, .. } => {
+                write!(
+                    f,
+                    "sincos2d/{} (computed, not stored)",
+                    dtype.name().to_lowercase()
+                )
+            }
         }
     }
 }
@@ -107,7 +138,8 @@ impl Precision {
         match self {
             Precision::Int4 { group } => Some((Q4Kind::Int4, group as usize)),
             Precision::Nf4 { block } => Some((Q4Kind::Nf4, block as usize)),
-            Precision::F32 | Precision::F16 | Precision::Bf16 => None,
+            Precision::Int4Sym { group } => Some((Q4Kind::Int4Sym, group as usize)),
+            Precision::F32 | Precision::F16 | Precision::Bf16 | Precision::Sincos2d { .. } => None,
         }
     }
 
@@ -117,8 +149,17 @@ impl Precision {
             Precision::F32 => Some(Dtype::F32),
             Precision::F16 => Some(Dtype::F16),
             Precision::Bf16 => Some(Dtype::Bf16),
-            Precision::Int4 { .. } | Precision::Nf4 { .. } => None,
+            Precision::Int4 { .. }
+            | Precision::Nf4 { .. }
+            | Precision::Int4Sym { .. }
+            | Precision::Sincos2d { .. } => None,
         }
+    }
+
+    /// Whether the entry is a table computed at load ([`Precision::Sincos2d`]) rather
+    /// than a stored linear layer.
+    pub fn is_computed(self) -> bool {
+        matches!(self, Precision::Sincos2d { .. })
     }
 }
 
@@ -140,7 +181,8 @@ pub struct LayerEntry {
 
 impl LayerEntry {
     /// Names of the tensors this layer stores: the weight parts (`.weight`, or
-    /// `.qweight` + `.scales` + `.offsets` for INT4, `.qweight` + `.absmax` for NF4),
+    /// `.qweight` + `.scales` + `.offsets` for INT4, `.qweight` + `.scales` for
+    /// symmetric INT4, `.qweight` + `.absmax` for NF4, nothing for a computed table),
     /// then `.bias` when present.
     pub fn tensor_names(&self) -> Vec<String> {
         let name = &self.name;
@@ -151,6 +193,10 @@ impl LayerEntry {
                 format!("{name}.offsets"),
             ],
             Precision::Nf4 { .. } => vec![format!("{name}.qweight"), format!("{name}.absmax")],
+            Precision::Int4Sym { .. } => {
+                vec![format!("{name}.qweight"), format!("{name}.scales")]
+            }
+            Precision::Sincos2d { .. } => Vec::new(),
             Precision::F32 | Precision::F16 | Precision::Bf16 => vec![format!("{name}.weight")],
         };
         if self.has_bias {

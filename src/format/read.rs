@@ -18,7 +18,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use crate::error::{Error, Result};
 use crate::format::{
     Dtype, FORMAT_NAME, FORMAT_VERSION, LayerEntry, MANIFEST_CRC_KEY, MANIFEST_TENSOR,
-    MAX_HEADER_BYTES, MAX_TENSORS, Manifest,
+    MAX_HEADER_BYTES, MAX_TENSORS, Manifest, Precision,
 };
 use crate::model::MmditConfig;
 use crate::quant::{Q4Kind, Q4Weights, check_q4_dims};
@@ -287,6 +287,10 @@ impl Package {
             ),
             Q4Kind::Nf4 => (
                 self.tensor(&format!("{name}.absmax"))?.f16_slice()?,
+                &[][..],
+            ),
+            Q4Kind::Int4Sym => (
+                self.tensor(&format!("{name}.scales"))?.f16_slice()?,
                 &[][..],
             ),
         };
@@ -785,6 +789,15 @@ pub(crate) fn check_layer(
             format!("out_features ({n}) and in_features ({k}) must be at least 1"),
         ));
     }
+    if let Precision::Sincos2d {
+        grid,
+        base_size,
+        source,
+        dtype,
+    } = layer.precision
+    {
+        return check_computed_table(layer, grid, base_size, source, dtype, tensors);
+    }
     // (tensor, dtype or None for "any float", shape)
     let mut expect: Vec<(String, Option<Dtype>, Vec<u64>)> = Vec::with_capacity(4);
     match layer.precision.q4() {
@@ -799,6 +812,19 @@ pub(crate) fn check_layer(
                 }
                 Q4Kind::Nf4 => {
                     expect.push((format!("{name}.absmax"), Some(Dtype::F16), vec![n, groups]));
+                }
+                Q4Kind::Int4Sym => {
+                    expect.push((format!("{name}.scales"), Some(Dtype::F16), vec![n, groups]));
+                    let stray = format!("{name}.offsets");
+                    if tensors.contains_key(stray.as_str()) {
+                        return Err(Error::UnexpectedTensor {
+                            tensor: stray,
+                            reason: format!(
+                                "layer `{name}` is symmetric INT4 ({}), which stores no offsets",
+                                layer.precision
+                            ),
+                        });
+                    }
                 }
             }
         }
@@ -835,6 +861,61 @@ pub(crate) fn check_layer(
                 found: shape_usize(found_shape),
             });
         }
+    }
+    Ok(())
+}
+
+/// Checks a [`Precision::Sincos2d`] entry: a square grid of `D`-wide rows with `D` a
+/// multiple of 4 (two halves of sin and cos), no bias, float dtypes, and no stored
+/// tensor under its name.
+fn check_computed_table(
+    layer: &LayerEntry,
+    grid: u32,
+    base_size: u32,
+    source: Dtype,
+    dtype: Dtype,
+    tensors: &HashMap<&str, (Dtype, &[u64])>,
+) -> Result<()> {
+    let name = &layer.name;
+    let what = format!("layer `{name}`");
+    if tensors.contains_key(name.as_str()) {
+        return Err(Error::UnexpectedTensor {
+            tensor: name.clone(),
+            reason: "the manifest declares this table as computed at load, not stored".to_string(),
+        });
+    }
+    if layer.has_bias {
+        return Err(Error::invalid(what, "a computed table has no bias"));
+    }
+    if grid == 0 || base_size == 0 {
+        return Err(Error::invalid(
+            what,
+            format!("grid ({grid}) and base_size ({base_size}) must be at least 1"),
+        ));
+    }
+    if layer.out_features != u64::from(grid) * u64::from(grid) {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "out_features {} is not grid * grid = {grid} * {grid}",
+                layer.out_features
+            ),
+        ));
+    }
+    if !layer.in_features.is_multiple_of(4) {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "in_features {} is not a multiple of 4 (sin and cos of two coordinates)",
+                layer.in_features
+            ),
+        ));
+    }
+    if !source.is_float() || !dtype.is_float() {
+        return Err(Error::invalid(
+            what,
+            format!("dtypes {source} and {dtype} must be F32, F16 or BF16"),
+        ));
     }
     Ok(())
 }

@@ -285,7 +285,7 @@ impl PackageWriter {
     }
 
     /// Appends the 4-bit layer `name` (`<name>.qweight`, `.scales` + `.offsets` for
-    /// INT4 or `.absmax` for NF4, and an F32 `.bias` when given) and records its
+    /// INT4, `.scales` for symmetric INT4 or `.absmax` for NF4, and an F32 `.bias` when given) and records its
     /// [`LayerEntry`]. Everything is checked before the first byte is written.
     pub fn add_q4_layer(&mut self, name: &str, m: &Q4Matrix, bias: Option<&[f32]>) -> Result<()> {
         self.check_usable()?;
@@ -299,6 +299,7 @@ impl PackageWriter {
             precision: match m.kind {
                 Q4Kind::Int4 => Precision::Int4 { group },
                 Q4Kind::Nf4 => Precision::Nf4 { block: group },
+                Q4Kind::Int4Sym => Precision::Int4Sym { group },
             },
             out_features: m.n as u64,
             in_features: m.k as u64,

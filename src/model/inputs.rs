@@ -2,6 +2,7 @@
 //! size (patch divisibility, positional-table coverage) and finiteness, each error
 //! naming the tensor.
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::mmdit::{Dims, Mmdit, MmditInputs};
 use crate::model::tensor::Tensor;
@@ -25,7 +26,7 @@ pub(crate) fn check_finite(tensor: &str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
-impl Mmdit {
+impl<B: Backend> Mmdit<B> {
     /// Checks `inputs` and derives the sizes of the pass.
     pub(crate) fn check_inputs(&self, inputs: &MmditInputs<'_>) -> Result<Dims> {
         let cfg = &self.config;

@@ -1,6 +1,7 @@
-//! [`Mmdit`]: the forward pass of diffusers' `SD3Transformer2DModel` on the CPU, f32
-//! activations, for any batch size, running only the blocks a [`PruneSpec`] keeps
-//! (see [`crate::model::prune`] for the pruning rule).
+//! [`Mmdit`]: the forward pass of diffusers' `SD3Transformer2DModel`, written once
+//! against the [`Backend`] trait (the CPU backend by default), for any batch size,
+//! running only the blocks a [`PruneSpec`] keeps (see [`crate::model::prune`] for the
+//! pruning rule).
 //!
 //! The forward: patch embedding (the patch convolution as a linear layer over
 //! `[C, p, p]` patches) plus the centre-cropped positional table; timestep embedding
@@ -8,15 +9,17 @@
 //! pooled-text MLP; the context embedder; the kept joint blocks; the final
 //! AdaLayerNormContinuous (scale, then shift); `proj_out`; unpatchify.
 //!
-//! Operations are called on the CPU backend directly
-//! ([`crate::backend::cpu::ops`], [`crate::backend::cpu::attention`],
-//! [`crate::backend::cpu::linear()`]).
+//! The patch embedding, the sinusoidal embedding and unpatchify run on the host (once
+//! per forward, see [`crate::backend`]); everything else runs on the backend, with the
+//! linear layers uploaded once when the pruning plan is set.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::backend::cpu::ops;
-use crate::backend::cpu::{DenseData, LinearWeights, linear};
+use crate::backend::cpu::{CpuBackend, DenseData, LinearWeights, linear};
+use crate::backend::{Backend, Device, LinearLayer, LinearSource, Modulation};
 use crate::error::{Error, Result};
 use crate::format::Package;
 use crate::model::config::MmditConfig;
@@ -56,49 +59,96 @@ pub(crate) struct Dims {
     pub n_ctx: usize,
 }
 
-/// An MMDiT transformer ready to run.
-pub struct Mmdit {
+/// An MMDiT transformer ready to run on the backend `B` (the CPU by default).
+pub struct Mmdit<B: Backend = CpuBackend> {
     pub(crate) config: MmditConfig,
-    pub(crate) weights: Weights,
+    pub(crate) weights: Arc<Weights>,
     pub(crate) spec: PruneSpec,
-    /// f32 copies of the biases, the patch convolution, the positional table and the
-    /// qk-norm weights.
+    /// f32 host copies of the patch convolution, the positional table and the qk-norm
+    /// weights.
     pub(crate) small: HashMap<String, Vec<f32>>,
+    backend: B,
+    /// The linear layers `spec` needs, with their biases, uploaded to the backend.
+    layers: HashMap<String, B::Linear>,
+    /// The qk-norm weights `[1, head_dim]` on the backend.
+    norms: HashMap<String, B::Tensor>,
 }
 
-impl std::fmt::Debug for Mmdit {
+impl<B: Backend> std::fmt::Debug for Mmdit<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mmdit")
             .field("config", &self.config)
             .field("weights", &self.weights)
             .field("spec", &self.spec)
+            .field("backend", &self.backend)
             .finish()
     }
 }
 
-impl Mmdit {
-    /// Builds the model after checking that every tensor `spec` needs is present with
-    /// the shape the config implies.
+/// The two token streams and the conditioning of a forward pass on the backend, after
+/// the embeddings and before the blocks.
+pub(crate) struct Streams<T> {
+    /// Image tokens `[B*N, D]`.
+    pub x: T,
+    /// Context tokens `[B*T, D]`.
+    pub c: T,
+    /// `SiLU(temb)` `[B, D]`, the input of every modulation.
+    pub silu_temb: T,
+}
+
+impl Mmdit<CpuBackend> {
+    /// Builds the model on the CPU after checking that every tensor `spec` needs is
+    /// present with the shape the config implies.
     pub fn new(config: MmditConfig, weights: Weights, spec: PruneSpec) -> Result<Mmdit> {
+        Mmdit::with_backend(CpuBackend::new(), config, weights, spec)
+    }
+
+    /// Loads a diffusers transformer folder (`config.json` + safetensors) or an `.hpk`
+    /// package (its `kept_blocks` become the pruning plan) onto the CPU.
+    pub fn load(path: impl AsRef<Path>) -> Result<Mmdit> {
+        Mmdit::load_with(path, CpuBackend::new())
+    }
+}
+
+impl<B: Backend> Mmdit<B> {
+    /// Builds the model on `backend` after checking that every tensor `spec` needs is
+    /// present with the shape the config implies, and uploads the weights `spec`
+    /// needs.
+    pub fn with_backend(
+        backend: B,
+        config: MmditConfig,
+        weights: Weights,
+        spec: PruneSpec,
+    ) -> Result<Mmdit<B>> {
         config.validate()?;
         let mut model = Mmdit {
             config,
-            weights,
+            weights: Arc::new(weights),
             spec: PruneSpec::none(),
             small: HashMap::new(),
+            backend,
+            layers: HashMap::new(),
+            norms: HashMap::new(),
         };
         model.set_prune(spec)?;
         Ok(model)
     }
 
+    /// [`Mmdit::load_with`] on the backend `B` opened on `device`. For the CPU model
+    /// (`let m: Mmdit = Mmdit::load_on(path, device)?`) a CUDA device gives
+    /// [`Error::NoCudaDevice`] in a build without the `cuda` feature.
+    pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<Mmdit<B>> {
+        Mmdit::load_with(path, B::open(device)?)
+    }
+
     /// Loads a diffusers transformer folder (`config.json` + safetensors) or an `.hpk`
-    /// package (its `kept_blocks` become the pruning plan).
-    pub fn load(path: impl AsRef<Path>) -> Result<Mmdit> {
+    /// package (its `kept_blocks` become the pruning plan) onto `backend`.
+    pub fn load_with(path: impl AsRef<Path>, backend: B) -> Result<Mmdit<B>> {
         let path = path.as_ref();
         if path.is_dir() {
             let config = MmditConfig::from_file(path.join("config.json"))?;
             let weights = Weights::from_folder(path)?;
-            Mmdit::new(config, weights, PruneSpec::none())
+            Mmdit::with_backend(backend, config, weights, PruneSpec::none())
         } else {
             let package = Package::open(path)?;
             let config = package.manifest().architecture.clone().ok_or_else(|| {
@@ -118,28 +168,53 @@ impl Mmdit {
             } else {
                 PruneSpec::keep_only(config.num_layers, &kept)
             };
-            Mmdit::new(config, Weights::from_package(package), spec)
+            Mmdit::with_backend(backend, config, Weights::from_package(package), spec)
         }
     }
 
-    /// Replaces the pruning plan, checking the weights it needs.
+    /// Replaces the pruning plan, checking the weights it needs and uploading those not
+    /// uploaded yet (layers the old plan already uploaded are kept, not uploaded
+    /// again). On error the model is left unchanged.
     pub fn set_prune(&mut self, spec: PruneSpec) -> Result<()> {
         spec.validate(self.config.num_layers)?;
+        let source: Arc<dyn LinearSource> = self.weights.clone();
         let mut small = HashMap::new();
+        let mut fresh = HashMap::new();
+        let mut reuse = Vec::new();
+        let mut norms = HashMap::new();
         for req in required_tensors(&self.config, &spec) {
             match req {
                 Required::Linear { name, n, k } => {
-                    self.weights.linear(&name, n, k)?;
-                    let bias = format!("{name}.bias");
-                    let data = self.weights.f32_tensor(&bias, &[n])?;
-                    small.insert(bias, data);
+                    if let Some(l) = self.layers.get(&name)
+                        && l.n() == n
+                        && l.k() == k
+                    {
+                        reuse.push(name);
+                        continue;
+                    }
+                    let bias = self.weights.f32_tensor(&format!("{name}.bias"), &[n])?;
+                    let layer = self
+                        .backend
+                        .upload_linear(&source, &name, n, k, Some(&bias))?;
+                    fresh.insert(name, layer);
                 }
                 Required::Plain { name, shape } => {
                     let data = self.weights.f32_tensor(&name, &shape)?;
+                    if name.starts_with("transformer_blocks.") {
+                        let t = self.backend.upload(&data, 1, data.len())?;
+                        norms.insert(name.clone(), t);
+                    }
                     small.insert(name, data);
                 }
             }
         }
+        for name in reuse {
+            if let Some(l) = self.layers.remove(&name) {
+                fresh.insert(name, l);
+            }
+        }
+        self.layers = fresh;
+        self.norms = norms;
         self.small = small;
         self.spec = spec;
         Ok(())
@@ -160,7 +235,12 @@ impl Mmdit {
         &self.weights
     }
 
-    /// A cached f32 tensor (checked present by `set_prune`).
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A cached f32 host tensor (checked present by `set_prune`).
     pub(crate) fn small(&self, name: &str) -> Result<&[f32]> {
         self.small
             .get(name)
@@ -170,44 +250,29 @@ impl Mmdit {
             })
     }
 
-    /// `x [m, k] -> [m, n]` through the linear layer `name` with its bias.
-    pub(crate) fn lin(
-        &self,
-        name: &str,
-        x: &[f32],
-        m: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<Vec<f32>> {
-        let w = self.weights.linear(name, n, k)?;
-        let bias = self.small(&format!("{name}.bias"))?;
-        let mut y = vec![0.0f32; m * n];
-        linear(x, m, &w, Some(bias), &mut y)?;
-        Ok(y)
+    /// A qk-norm weight on the backend (uploaded by `set_prune`).
+    pub(crate) fn norm_weight(&self, name: &str) -> Result<&B::Tensor> {
+        self.norms.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+        })
+    }
+
+    /// `x [m, k] -> [m, n]` through the uploaded linear layer `name` with its bias.
+    pub(crate) fn lin(&self, name: &str, x: &B::Tensor) -> Result<B::Tensor> {
+        let layer = self.layers.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: format!("{name}.weight"),
+        })?;
+        self.backend.linear(x, layer)
     }
 
     /// Runs the transformer: the velocity prediction `[B, out_channels, H, W]`.
     pub fn forward(&self, inputs: &MmditInputs<'_>) -> Result<Tensor> {
         let dims = self.check_inputs(inputs)?;
-        let d = self.config.hidden_size();
-        let Dims {
-            batch,
-            n_img,
-            n_ctx,
-            ..
-        } = dims;
-
-        let mut x = self.embed_patches(inputs.hidden_states, &dims)?;
-        let temb = self.embed_conditioning(inputs.timestep, inputs.pooled_projections, batch)?;
-        let mut silu_temb = temb;
-        ops::silu(&mut silu_temb);
-        let mut c = self.lin(
-            "context_embedder",
-            &inputs.encoder_hidden_states.data,
-            batch * n_ctx,
-            d,
-            self.config.joint_attention_dim,
-        )?;
+        let Streams {
+            mut x,
+            mut c,
+            silu_temb,
+        } = self.embed(inputs, &dims)?;
 
         let kept = self.spec.kept_blocks(self.config.num_layers);
         for (pos, &i) in kept.iter().enumerate() {
@@ -216,20 +281,39 @@ impl Mmdit {
         }
 
         // Final AdaLayerNormContinuous: chunk 0 is the scale, chunk 1 the shift.
-        let m = self.lin("norm_out.linear", &silu_temb, batch, 2 * d, d)?;
-        let mut nx = vec![0.0f32; x.len()];
-        ops::layer_norm(&x, d, NORM_EPS, &mut nx)?;
-        ops::modulate(
-            &mut nx,
-            d,
-            n_img,
-            &chunk(&m, batch, 2, 1, d),
-            &chunk(&m, batch, 2, 0, d),
+        let be = &self.backend;
+        let m = self.lin("norm_out.linear", &silu_temb)?;
+        let (shift, scale) = (be.column_chunk(&m, 2, 1)?, be.column_chunk(&m, 2, 0)?);
+        let modulation = Modulation {
+            shift: &shift,
+            scale: &scale,
+        };
+        let nx = be.layer_norm_modulate(&x, Some(modulation), NORM_EPS)?;
+        let y = self.lin("proj_out", &nx)?;
+        Ok(self.unpatchify(&be.download(&y)?, &dims))
+    }
+
+    /// The embeddings of a checked forward pass, on the backend: image tokens (patch
+    /// embedding), context tokens (context embedder) and `SiLU(temb)`.
+    pub(crate) fn embed(
+        &self,
+        inputs: &MmditInputs<'_>,
+        dims: &Dims,
+    ) -> Result<Streams<B::Tensor>> {
+        let be = &self.backend;
+        let d = self.config.hidden_size();
+        let x = self.embed_patches(inputs.hidden_states, dims)?;
+        let x = be.upload(&x, dims.batch * dims.n_img, d)?;
+        let mut silu_temb =
+            self.embed_conditioning(inputs.timestep, inputs.pooled_projections, dims.batch)?;
+        be.silu(&mut silu_temb)?;
+        let ehs = be.upload(
+            &inputs.encoder_hidden_states.data,
+            dims.batch * dims.n_ctx,
+            self.config.joint_attention_dim,
         )?;
-        let p = self.config.patch_size;
-        let cout = self.config.out_channels;
-        let y = self.lin("proj_out", &nx, batch * n_img, p * p * cout, d)?;
-        Ok(self.unpatchify(&y, &dims))
+        let c = self.lin("context_embedder", &ehs)?;
+        Ok(Streams { x, c, silu_temb })
     }
 
     /// Patches `[B*N, C*p*p]` in (c, py, px) order, through the patch convolution, plus
@@ -284,35 +368,18 @@ impl Mmdit {
         t: &Tensor,
         pooled: &Tensor,
         batch: usize,
-    ) -> Result<Vec<f32>> {
-        let d = self.config.hidden_size();
+    ) -> Result<B::Tensor> {
+        let be = &self.backend;
         let sin = timestep_embedding(&t.data, TIMESTEP_CHANNELS);
-        let mut h = self.lin(
-            "time_text_embed.timestep_embedder.linear_1",
-            &sin,
-            batch,
-            d,
-            TIMESTEP_CHANNELS,
-        )?;
-        ops::silu(&mut h);
-        let mut temb = self.lin(
-            "time_text_embed.timestep_embedder.linear_2",
-            &h,
-            batch,
-            d,
-            d,
-        )?;
-        let pd = self.config.pooled_projection_dim;
-        let mut g = self.lin(
-            "time_text_embed.text_embedder.linear_1",
-            &pooled.data,
-            batch,
-            d,
-            pd,
-        )?;
-        ops::silu(&mut g);
-        let g = self.lin("time_text_embed.text_embedder.linear_2", &g, batch, d, d)?;
-        ops::add_assign(&mut temb, &g)?;
+        let sin = be.upload(&sin, batch, TIMESTEP_CHANNELS)?;
+        let mut h = self.lin("time_text_embed.timestep_embedder.linear_1", &sin)?;
+        be.silu(&mut h)?;
+        let mut temb = self.lin("time_text_embed.timestep_embedder.linear_2", &h)?;
+        let pooled = be.upload(&pooled.data, batch, self.config.pooled_projection_dim)?;
+        let mut g = self.lin("time_text_embed.text_embedder.linear_1", &pooled)?;
+        be.silu(&mut g)?;
+        let g = self.lin("time_text_embed.text_embedder.linear_2", &g)?;
+        be.add_assign(&mut temb, &g)?;
         Ok(temb)
     }
 
@@ -340,15 +407,6 @@ impl Mmdit {
         }
         out
     }
-}
-
-/// Chunk `j` of `nch` of a modulation `[batch, nch * d]`, as `[batch, d]`.
-pub(crate) fn chunk(m: &[f32], batch: usize, nch: usize, j: usize, d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(batch * d);
-    for b in 0..batch {
-        out.extend_from_slice(&m[(b * nch + j) * d..][..d]);
-    }
-    out
 }
 
 /// diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`: for

@@ -6,6 +6,7 @@ pub mod config;
 mod inputs;
 pub mod layout;
 pub mod mmdit;
+pub mod pos_embed;
 pub mod prune;
 pub mod sampler;
 pub mod tensor;

@@ -17,6 +17,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::inputs::check_finite;
 use crate::model::mmdit::{Mmdit, MmditInputs};
@@ -153,8 +154,8 @@ fn concat_batch(a: &Tensor, b: &Tensor) -> Tensor {
 
 /// Runs the Euler loop from `latent` `[B, C, H, W]`; `progress(step, steps, sigma)` is
 /// called before each step. Returns the final latent.
-pub fn sample(
-    model: &Mmdit,
+pub fn sample<B: Backend>(
+    model: &Mmdit<B>,
     latent: Tensor,
     cond: &Conditioning<'_>,
     opts: &SampleOptions,
@@ -169,8 +170,8 @@ pub fn sample(
 
 /// [`sample`] whose `progress(step, steps, sigma)` decides whether to go on: when it
 /// returns `false` the loop stops before that step and the result is `Ok(None)`.
-pub fn sample_cancellable(
-    model: &Mmdit,
+pub fn sample_cancellable<B: Backend>(
+    model: &Mmdit<B>,
     latent: Tensor,
     cond: &Conditioning<'_>,
     opts: &SampleOptions,

@@ -16,9 +16,10 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+use crate::backend::LinearSource;
 use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
-use crate::format::{Dtype, Package};
+use crate::format::{Dtype, Package, Precision};
 use crate::model::tensor::{Tensor, floats_to_f32};
 use crate::quant::Q4Matrix;
 
@@ -45,6 +46,8 @@ enum Entry {
         shape: Vec<usize>,
     },
     Packaged,
+    /// A table the package declares computed ([`Precision::Sincos2d`]), and its width.
+    Computed(Precision, u64),
     F32(Tensor),
     Q4(Q4Matrix),
 }
@@ -182,18 +185,19 @@ impl Weights {
         })
     }
 
-    /// Uses an opened package: its layers keep the precision of the manifest.
+    /// Uses an opened package: its layers keep the precision of the manifest; a table
+    /// it declares computed (the sin-cos positional table) is computed when read.
     pub fn from_package(package: Package) -> Weights {
         let entries = package
             .tensor_names()
             .map(|n| (n.to_string(), Entry::Packaged))
-            .chain(
-                package
-                    .manifest()
-                    .layers
-                    .iter()
-                    .map(|l| (format!("{}.weight", l.name), Entry::Packaged)),
-            )
+            .chain(package.manifest().layers.iter().map(|l| {
+                if l.precision.is_computed() {
+                    (l.name.clone(), Entry::Computed(l.precision, l.in_features))
+                } else {
+                    (format!("{}.weight", l.name), Entry::Packaged)
+                }
+            }))
             .collect();
         Weights {
             source: Source::Package(Box::new(package)),
@@ -304,6 +308,7 @@ impl Weights {
                 LinearWeights::dense(DenseData::F32(&t.data), n, k)?
             }
             Entry::Q4(q) => LinearWeights::Q4(q.view()?),
+            Entry::Computed(..) => return Err(Error::MissingTensor { tensor: name }),
             Entry::Packaged => {
                 let Some(p) = self.package() else {
                     return Err(Error::MissingTensor { tensor: name });
@@ -347,6 +352,7 @@ impl Weights {
             ),
             Entry::F32(t) => (t.data.clone(), t.shape.clone()),
             Entry::Q4(_) => return Err(float_dtype_error(name, "4-bit")),
+            Entry::Computed(prec, dim) => computed_table(name, *prec, *dim, shape)?,
             Entry::Packaged => {
                 let p = self.package().ok_or_else(|| Error::MissingTensor {
                     tensor: name.to_string(),
@@ -364,6 +370,48 @@ impl Weights {
         }
         Ok(data)
     }
+}
+
+impl LinearSource for Weights {
+    fn linear_weights(&self, layer: &str, n: usize, k: usize) -> Result<LinearWeights<'_>> {
+        self.linear(layer, n, k)
+    }
+}
+
+/// Computes the table `name` that a package declares as `prec` with width `dim`, after
+/// checking its shape `[1, grid * grid, dim]` against `shape`; returns the data and
+/// its shape.
+fn computed_table(
+    name: &str,
+    prec: Precision,
+    dim: u64,
+    shape: &[usize],
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    let Precision::Sincos2d {
+        grid,
+        base_size,
+        source,
+        dtype,
+    } = prec
+    else {
+        return Err(Error::MissingTensor {
+            tensor: name.to_string(),
+        });
+    };
+    let grid = grid as usize;
+    let dim = usize::try_from(dim).unwrap_or(usize::MAX);
+    let found = vec![1, grid.saturating_mul(grid), dim];
+    if found != shape {
+        // Reported before anything is computed, so a manifest cannot make the model
+        // allocate a table larger than the config implies.
+        return Err(Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: shape.to_vec(),
+            found,
+        });
+    }
+    let data = super::pos_embed::sincos_2d_table(grid, base_size as usize, dim, &[source, dtype])?;
+    Ok((data, found))
 }
 
 fn float_dtype_error(name: &str, found: &str) -> Error {

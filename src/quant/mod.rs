@@ -6,14 +6,17 @@
 //! - `packed`: `u8 [N, K/2]`; byte `j` of row `n` holds `k = 2j` in the low nibble and
 //!   `k = 2j + 1` in the high nibble; codes `q` in `0..=15`.
 //! - `scales`: `f16 [N, K/G]`, one per group of `G` consecutive weights along `K`.
-//! - INT4 ([`Q4Kind::Int4`]): `offsets` `f16 [N, K/G]`, `w = scale * q + offset`.
-//!   Symmetric quantisation is `offset = -8 * scale`.
+//! - INT4 ([`Q4Kind::Int4`]): `offsets` `f16 [N, K/G]`, `w = scale * q + offset`
+//!   (asymmetric; an explicit zero point per group).
+//! - Symmetric INT4 ([`Q4Kind::Int4Sym`]): no offsets; `w = scale * (q - 8)`, i.e. the
+//!   codebook [`INT4_SYM_CODEBOOK`] `[-8, -7, ..., 7]` times the group's scale.
 //! - NF4 ([`Q4Kind::Nf4`]): no offsets; `w = absmax * NF4[q]` with the 16-level
 //!   normal-float codebook of bitsandbytes ([`NF4_CODEBOOK`]); the scale is the block's
 //!   absmax.
 //!
-//! Bytes per weight: `0.5 + 2/G` (NF4) or `0.5 + 4/G` (INT4); for `G = 64` INT4 is
-//! 0.5625 bytes, 3.56x smaller than f16.
+//! Bytes per weight: `0.5 + 2/G` (NF4, symmetric INT4) or `0.5 + 4/G` (asymmetric
+//! INT4); for `G = 64` symmetric INT4 is 0.53125 bytes (4.25 bits, 3.76x smaller than
+//! f16) and asymmetric INT4 0.5625 bytes (4.5 bits, 3.56x smaller).
 
 pub mod bnb;
 pub mod nf4;
@@ -59,6 +62,11 @@ pub const INT4_CODEBOOK: [f32; 16] = [
     0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
 ];
 
+/// The symmetric INT4 codebook: code `q` decodes to `q - 8` before the scale.
+pub const INT4_SYM_CODEBOOK: [f32; 16] = [
+    -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+];
+
 /// Which 4-bit weight kind a matrix holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Q4Kind {
@@ -66,6 +74,9 @@ pub enum Q4Kind {
     Int4,
     /// NF4 codes with per-block absmax: `w = absmax * NF4[q]`.
     Nf4,
+    /// Symmetric uniform 4-bit codes with a per-group scale and no offset:
+    /// `w = scale * (q - 8)`.
+    Int4Sym,
 }
 
 impl Q4Kind {
@@ -74,13 +85,14 @@ impl Q4Kind {
         match self {
             Q4Kind::Int4 => &INT4_CODEBOOK,
             Q4Kind::Nf4 => &NF4_CODEBOOK,
+            Q4Kind::Int4Sym => &INT4_SYM_CODEBOOK,
         }
     }
 
     /// The group (block) sizes this kind allows.
     pub fn allowed_groups(self) -> &'static [usize] {
         match self {
-            Q4Kind::Int4 => INT4_GROUP_SIZES,
+            Q4Kind::Int4 | Q4Kind::Int4Sym => INT4_GROUP_SIZES,
             Q4Kind::Nf4 => NF4_BLOCK_SIZES,
         }
     }
@@ -90,11 +102,12 @@ impl Q4Kind {
         matches!(self, Q4Kind::Int4)
     }
 
-    /// Short lowercase name (`int4`, `nf4`).
+    /// Short lowercase name (`int4`, `nf4`, `int4sym`).
     pub fn name(self) -> &'static str {
         match self {
             Q4Kind::Int4 => "int4",
             Q4Kind::Nf4 => "nf4",
+            Q4Kind::Int4Sym => "int4sym",
         }
     }
 }
@@ -154,7 +167,7 @@ pub struct Q4Weights<'a> {
 
 impl<'a> Q4Weights<'a> {
     /// Wraps the three buffers of a 4-bit matrix after checking their lengths against
-    /// `n`, `k` and `group`. `offsets` must be empty for NF4.
+    /// `n`, `k` and `group`. `offsets` must be empty for NF4 and symmetric INT4.
     pub fn new(
         kind: Q4Kind,
         n: usize,
@@ -224,11 +237,11 @@ impl<'a> Q4Weights<'a> {
     pub fn packed(&self) -> &'a [u8] {
         self.packed
     }
-    /// Scales (INT4) or absmax (NF4), `[N, K/G]`.
+    /// Scales (INT4, symmetric INT4) or absmax (NF4), `[N, K/G]`.
     pub fn scales(&self) -> &'a [f16] {
         self.scales
     }
-    /// Offsets `[N, K/G]` for INT4, empty for NF4.
+    /// Offsets `[N, K/G]` for INT4, empty for NF4 and symmetric INT4.
     pub fn offsets(&self) -> &'a [f16] {
         self.offsets
     }
@@ -241,7 +254,7 @@ impl<'a> Q4Weights<'a> {
         let g = self.groups_per_row();
         &self.scales[n * g..(n + 1) * g]
     }
-    /// Offsets of row `n` (empty for NF4).
+    /// Offsets of row `n` (empty for NF4 and symmetric INT4).
     pub fn offsets_row(&self, n: usize) -> &'a [f16] {
         if self.kind.has_offsets() {
             let g = self.groups_per_row();
@@ -285,9 +298,9 @@ pub struct Q4Matrix {
     pub group: usize,
     /// Packed codes, `[N, K/2]`.
     pub packed: Vec<u8>,
-    /// Scales (INT4) or absmax (NF4), `[N, K/G]`.
+    /// Scales (INT4, symmetric INT4) or absmax (NF4), `[N, K/G]`.
     pub scales: Vec<f16>,
-    /// Offsets `[N, K/G]` for INT4, empty for NF4.
+    /// Offsets `[N, K/G]` for INT4, empty for NF4 and symmetric INT4.
     pub offsets: Vec<f16>,
 }
 

@@ -1,11 +1,13 @@
-//! INT4 round-to-nearest quantisation into the canonical [`Q4Kind::Int4`] layout.
+//! INT4 round-to-nearest quantisation into the canonical [`Q4Kind::Int4`] (asymmetric)
+//! and [`Q4Kind::Int4Sym`] (symmetric) layouts.
 //!
-//! Each group of `G` consecutive weights along `K` gets an f16 `scale` and `offset`
-//! with `w ~= scale * q + offset`, `q` in `0..=15`.
+//! Each group of `G` consecutive weights along `K` gets an f16 `scale`, and in the
+//! asymmetric kind an f16 `offset`, with `w ~= scale * q + offset`, `q` in `0..=15`.
 //!
-//! - Asymmetric: `offset = f16(min)`, `scale = f16((max - offset) / 15)`, so the 16
-//!   levels span the group's range.
-//! - Symmetric: `offset = -8 * scale`, levels `-8s, -7s, ..., 7s`. The scale is the
+//! - Asymmetric ([`Q4Kind::Int4`]): `offset = f16(min)`, `scale = f16((max - offset) /
+//!   15)`, so the 16 levels span the group's range.
+//! - Symmetric ([`Q4Kind::Int4Sym`]): no stored offset, `w = scale * (q - 8)` (the same
+//!   values as an offset of `-8 * scale`), levels `-8s, -7s, ..., 7s`. The scale is the
 //!   smallest one that brings both ends of the group within half a step of a level:
 //!   `scale = max(max(w, 0) / 7.5, -min(w, 0) / 8.5)`. This uses the one extra negative
 //!   level instead of wasting it, and bounds the error by `scale / 2 <= absmax / 15`
@@ -50,7 +52,8 @@ pub const SYM_CLIP_FACTORS: [f32; 21] = [
 pub struct Int4Options {
     /// Group size along K: 32, 64 or 128.
     pub group: usize,
-    /// Symmetric (`offset = -8 * scale`) instead of asymmetric (min/max) groups.
+    /// Symmetric groups (scale only, [`Q4Kind::Int4Sym`], `w = scale * (q - 8)`)
+    /// instead of asymmetric min/max groups with an offset ([`Q4Kind::Int4`]).
     pub symmetric: bool,
     /// Search per group for a clipped range with a smaller squared error.
     pub clip_search: bool,
@@ -119,7 +122,9 @@ impl GroupParams {
     /// Symmetric parameters for scale `s`; `None` if `s` or `-8 s` does not fit in f16.
     fn symmetric(s: f32) -> Option<Self> {
         let scale = f16::from_f32(s.max(0.0));
-        // `-8 * scale` is exact in f16 unless it overflows.
+        // `-8 * scale` is exact in f16 unless it overflows. Codes are chosen with this
+        // offset; `s * q + o` equals the symmetric kind's `s * (q - 8)` exactly in f32
+        // (both are small integer multiples of the f16 `s`).
         let offset = f16::from_f32(-8.0 * scale.to_f32());
         if !offset.to_f32().is_finite() {
             return None;
@@ -229,7 +234,8 @@ fn symmetric_scale(lo: f32, hi: f32) -> f32 {
     (hi.max(0.0) / 7.5).max(-lo.min(0.0) / 8.5)
 }
 
-/// Quantises one row without checking buffer lengths (the callers do).
+/// Quantises one row without checking buffer lengths (the callers do). `offsets` is
+/// empty for symmetric groups, which store none.
 fn quantize_row_unchecked(
     row: &[f32],
     opts: &Int4Options,
@@ -241,10 +247,10 @@ fn quantize_row_unchecked(
         return Err(RowError::NonFinite { col, value });
     }
     let g = opts.group;
-    for (gi, ((group, packed), (scale, offset))) in row
+    for (gi, ((group, packed), scale)) in row
         .chunks_exact(g)
         .zip(packed.chunks_exact_mut(g / 2))
-        .zip(scales.iter_mut().zip(offsets.iter_mut()))
+        .zip(scales.iter_mut())
         .enumerate()
     {
         let params = choose_params(group, opts).ok_or_else(|| {
@@ -253,7 +259,9 @@ fn quantize_row_unchecked(
             RowError::F16Overflow { group: gi, lo, hi }
         })?;
         *scale = params.scale;
-        *offset = params.offset;
+        if let Some(offset) = offsets.get_mut(gi) {
+            *offset = params.offset;
+        }
         let (s, o) = (params.scale.to_f32(), params.offset.to_f32());
         let inv_s = if s == 0.0 { 0.0 } else { 1.0 / s };
         for (byte, pair) in packed.iter_mut().zip(group.chunks_exact(2)) {
@@ -265,14 +273,24 @@ fn quantize_row_unchecked(
     Ok(())
 }
 
-/// Checks the group size, then that `k` is a positive multiple of it.
-fn check_opts(k: usize, opts: &Int4Options) -> Result<()> {
-    check_q4_dims(Q4Kind::Int4, "weights", k, opts.group)
+/// The kind [`quantize_int4`] produces with `opts`.
+fn kind_of(opts: &Int4Options) -> Q4Kind {
+    if opts.symmetric {
+        Q4Kind::Int4Sym
+    } else {
+        Q4Kind::Int4
+    }
 }
 
-/// Quantises one row of `K` weights into its packed codes (`K/2` bytes), scales and
-/// offsets (`K/G` each), in the canonical INT4 layout. For streaming a matrix row by
-/// row; errors name the column (or group) within the row.
+/// Checks the group size, then that `k` is a positive multiple of it.
+fn check_opts(k: usize, opts: &Int4Options) -> Result<()> {
+    check_q4_dims(kind_of(opts), "weights", k, opts.group)
+}
+
+/// Quantises one row of `K` weights into its packed codes (`K/2` bytes), scales (`K/G`)
+/// and, for asymmetric groups, offsets (`K/G`; `offsets_out` must be empty for
+/// symmetric ones), in the canonical INT4 layout. For streaming a matrix row by row;
+/// errors name the column (or group) within the row.
 pub fn quantize_int4_row(
     row: &[f32],
     opts: &Int4Options,
@@ -289,14 +307,21 @@ pub fn quantize_int4_row(
     if scales_out.len() != groups {
         return Err(Error::length("scales", groups, scales_out.len()));
     }
-    if offsets_out.len() != groups {
-        return Err(Error::length("offsets", groups, offsets_out.len()));
+    let expected_offsets = if opts.symmetric { 0 } else { groups };
+    if offsets_out.len() != expected_offsets {
+        return Err(Error::length(
+            "offsets",
+            expected_offsets,
+            offsets_out.len(),
+        ));
     }
     quantize_row_unchecked(row, opts, packed_out, scales_out, offsets_out)
         .map_err(|e| e.into_error(None))
 }
 
-/// Quantises a row-major `W [N, K]` to INT4 in the canonical layout, rows in parallel.
+/// Quantises a row-major `W [N, K]` to INT4 in the canonical layout, rows in parallel:
+/// a [`Q4Kind::Int4Sym`] matrix (no offsets) with `opts.symmetric`, else a
+/// [`Q4Kind::Int4`] one.
 ///
 /// Errors: [`Error::InvalidGroupSize`] / [`Error::GroupDoesNotDivide`] for a bad group,
 /// [`Error::LengthMismatch`] if `w.len() != n * k`, [`Error::InvalidArgument`] for
@@ -308,24 +333,38 @@ pub fn quantize_int4(w: &[f32], n: usize, k: usize, opts: &Int4Options) -> Resul
     let gpr = k / opts.group;
     let mut packed = vec![0u8; n * (k / 2)];
     let mut scales = vec![f16::ZERO; n * gpr];
-    let mut offsets = vec![f16::ZERO; n * gpr];
-    let failure = w
-        .par_chunks_exact(k)
-        .zip(packed.par_chunks_exact_mut(k / 2))
-        .zip(scales.par_chunks_exact_mut(gpr))
-        .zip(offsets.par_chunks_exact_mut(gpr))
-        .enumerate()
-        .with_min_len(4)
-        .find_map_first(|(r, (((row, p), s), o))| {
-            quantize_row_unchecked(row, opts, p, s, o)
-                .err()
-                .map(|e| e.into_error(Some(r)))
-        });
+    let mut offsets = Vec::new();
+    let failure = if opts.symmetric {
+        // Symmetric groups store no offsets: every row gets an empty slice.
+        w.par_chunks_exact(k)
+            .zip(packed.par_chunks_exact_mut(k / 2))
+            .zip(scales.par_chunks_exact_mut(gpr))
+            .enumerate()
+            .with_min_len(4)
+            .find_map_first(|(r, ((row, p), s))| {
+                quantize_row_unchecked(row, opts, p, s, &mut [])
+                    .err()
+                    .map(|e| e.into_error(Some(r)))
+            })
+    } else {
+        offsets = vec![f16::ZERO; n * gpr];
+        w.par_chunks_exact(k)
+            .zip(packed.par_chunks_exact_mut(k / 2))
+            .zip(scales.par_chunks_exact_mut(gpr))
+            .zip(offsets.par_chunks_exact_mut(gpr))
+            .enumerate()
+            .with_min_len(4)
+            .find_map_first(|(r, (((row, p), s), o))| {
+                quantize_row_unchecked(row, opts, p, s, o)
+                    .err()
+                    .map(|e| e.into_error(Some(r)))
+            })
+    };
     if let Some(e) = failure {
         return Err(e);
     }
     Ok(Q4Matrix {
-        kind: Q4Kind::Int4,
+        kind: kind_of(opts),
         n,
         k,
         group: opts.group,

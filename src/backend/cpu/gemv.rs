@@ -208,7 +208,10 @@ fn run_rows(path: KernelPath, task: &GemvTask<'_>, n0: usize, out: &mut [f32]) {
 pub(crate) fn gemv_rows_portable(task: &GemvTask<'_>, n0: usize, out: &mut [f32]) {
     match task.w.kind() {
         crate::quant::Q4Kind::Int4 => portable_rows::<false>(task, n0, out),
-        crate::quant::Q4Kind::Nf4 => portable_rows::<true>(task, n0, out),
+        // Codebook kinds (no offsets): decode through the table.
+        crate::quant::Q4Kind::Nf4 | crate::quant::Q4Kind::Int4Sym => {
+            portable_rows::<true>(task, n0, out)
+        }
     }
 }
 

@@ -17,7 +17,8 @@
 //! its block of `x`. The whole matrix is never unpacked. A register-blocked micro-kernel
 //! multiplies a few rows of `x` with the panel; its i32 accumulators are converted and
 //! multiplied by the group scales at each group end, and the offset term comes from
-//! per-row, per-group sums of `xq`.
+//! per-row, per-group sums of `xq`. Symmetric INT4 ([`Q4Kind::Int4Sym`]) runs the same
+//! way with `offset = -8 * scale`; NF4 is refused (its levels are not uniform).
 //!
 //! Paths: [`KernelPath::Avx512Vnni`] (`vpdpbusd`: unsigned weights times signed
 //! activations), [`KernelPath::Avx512`] and [`KernelPath::Avx2`] (`vpmaddubsw` then
@@ -245,7 +246,7 @@ fn check_path_and_kind(path: KernelPath, w: &Q4Weights<'_>) -> Result<()> {
             what: format!("kernel path `{path}` is not available on this CPU"),
         });
     }
-    if w.kind() != Q4Kind::Int4 {
+    if w.kind() == Q4Kind::Nf4 {
         return Err(Error::Unsupported {
             what: format!(
                 "int8-activation linear on {} weights: its codes decode to non-uniform levels, \
@@ -261,6 +262,7 @@ fn check_path_and_kind(path: KernelPath, w: &Q4Weights<'_>) -> Result<()> {
 /// `y [M, N] = x [M, K] * W^T (+ bias)` with `x` quantised per row to int8 (see the
 /// module docs) and INT4 weights `W`. Fails with [`Error::LengthMismatch`] on wrong
 /// buffer lengths and [`Error::Unsupported`] for NF4 weights or a path this CPU lacks.
+/// `W` may be asymmetric or symmetric INT4.
 pub fn linear_q4_int8(
     path: KernelPath,
     x: &[f32],
@@ -406,8 +408,15 @@ impl Panel {
                 for (g, &v) in self.row_tmp.iter().enumerate() {
                     self.scales[g * PANEL_N + j] = v;
                 }
-                w.offsets_row(n0 + j)
-                    .convert_to_f32_slice(&mut self.row_tmp);
+                if w.kind().has_offsets() {
+                    w.offsets_row(n0 + j)
+                        .convert_to_f32_slice(&mut self.row_tmp);
+                } else {
+                    // Symmetric INT4: `scale * (q - 8)` is `scale * q + offset` with
+                    // `offset = -8 * scale`, exact in f32 (the scales still sit in
+                    // `row_tmp`).
+                    self.row_tmp.iter_mut().for_each(|v| *v *= -8.0);
+                }
                 for (g, &v) in self.row_tmp.iter().enumerate() {
                     self.offsets[g * PANEL_N + j] = v;
                 }

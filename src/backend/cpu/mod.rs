@@ -3,6 +3,7 @@
 //! output rows (rayon).
 
 pub mod attention;
+pub mod backend;
 pub mod gemv;
 pub mod int8;
 #[cfg(target_arch = "x86_64")]
@@ -15,5 +16,6 @@ pub mod path;
 #[cfg(target_arch = "x86_64")]
 mod simd_x86;
 
+pub use backend::{CpuBackend, CpuLinear, CpuTensor};
 pub use linear::{DenseData, LinearWeights, linear, linear_with_path};
 pub use path::KernelPath;

@@ -6,7 +6,6 @@
 use std::arch::x86_64::*;
 
 use super::gemv::{CHUNK, GemvTask, M_TILE, N_BLOCK};
-use crate::quant::Q4Kind;
 
 /// Calls `$row::<MT, CPG, ...>` for the runtime tile height `$mt` and chunks per group
 /// `$cpg`, so that both loops are unrolled at compile time.
@@ -236,7 +235,8 @@ pub(crate) unsafe fn gemv_rows_avx2(task: &GemvTask<'_>, n0: usize, out: &mut [f
             _mm256_loadu_ps(book.as_ptr().add(8)),
         )
     };
-    let nf4 = task.w.kind() == Q4Kind::Nf4;
+    // Kinds without offsets (NF4, symmetric INT4) decode through the codebook.
+    let nf4 = !task.w.kind().has_offsets();
     let mut nb = 0;
     while nb < rows {
         let nb_end = (nb + N_BLOCK).min(rows);

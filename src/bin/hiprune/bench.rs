@@ -1,40 +1,58 @@
-//! `hiprune bench kernels`: 4-bit linear kernels against the dense f32 baseline, on the
-//! linear shapes of SD3.5 models, measured in one run.
+//! `hiprune bench`: the kernel benchmark (4-bit linear kernels against the dense
+//! baseline on every linear shape of an SD3.5 model family, measured in one run) and
+//! the whole-model benchmark ([`crate::bench_model`]).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use half::f16;
 use hiprune::backend::cpu::{DenseData, KernelPath, LinearWeights, int8, linear, membw};
+use hiprune::model::layout::{Required, required_tensors};
+use hiprune::model::{MmditConfig, PruneSpec};
 use hiprune::quant::{Q4Kind, Q4Weights};
 use hiprune::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::report::{Table, cpu_model, git_revision};
+#[cfg(feature = "compress")]
+use crate::bench_model::{ModelArgs, ModelRunArgs};
+use crate::forward::BackendChoice;
+use crate::report::{GpuInfo, OutputFormat, ReportHeader, Table, csv_line};
 
 /// What to benchmark.
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Linear-layer kernels: INT4/NF4 against dense f32 at each shape and M.
+    /// Linear-layer kernels: INT4/NF4/f16 weights against dense f32 at each shape and M.
     Kernels(KernelArgs),
+    #[cfg(feature = "compress")]
+    /// A whole model: per-step latency, sampling time and memory, dense and compressed
+    /// side by side.
+    Model(ModelArgs),
+    /// Measures one model in this process and prints JSON (used by `bench model`,
+    /// which runs each model in a child process so its peak RSS is its own).
+    #[cfg(feature = "compress")]
+    #[command(hide = true)]
+    ModelRun(ModelRunArgs),
 }
 
 /// Options of `hiprune bench kernels`.
 #[derive(Args)]
 pub struct KernelArgs {
-    /// Backend to run on (only `cpu` in this build).
-    #[arg(long, default_value = "cpu")]
-    backend: String,
-    /// Shapes: `sd35-large`, `sd35-medium`, or `K,N;K,N;...`.
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendChoice,
+    /// Shapes: `sd35-large`, `sd35-medium` (every linear shape of the model family) or
+    /// `K,N;K,N;...`.
     #[arg(long, default_value = "sd35-large")]
     shapes: String,
     /// Rows of x (tokens), comma-separated.
     #[arg(long, default_value = "1,256")]
     m: String,
-    /// Kernels to compare with the dense f32 baseline: `int4`, `nf4` (f32 activations)
-    /// and `int4-a8` (INT4 weights, per-token int8 activations).
+    /// Weights to compare with the dense f32 baseline: `int4` (symmetric, scale only),
+    /// `int4-asym` (scale and offset), `nf4` (4-bit, f32 activations), `f16` (dense f16
+    /// weights) and `int4-a8` (INT4 weights, per-token int8 activations).
     #[arg(long, default_value = "int4,nf4")]
     weights: String,
     /// Group (block) size of the 4-bit weights.
@@ -47,118 +65,233 @@ pub struct KernelArgs {
     /// enough copies to stream weights from memory.
     #[arg(long)]
     hot: bool,
-    /// Time budget per measurement, seconds.
+    /// Time budget per measurement, seconds (after one warm-up run; at least 3 and at
+    /// most 200 timed runs).
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "csv")]
     json: bool,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    csv: bool,
 }
 
 /// Copies of the weights to rotate over when streaming: together they exceed any L3.
 const STREAM_BYTES: usize = 96 << 20;
 
+/// Runs a bench subcommand.
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Kernels(args) => kernels(&args),
+        #[cfg(feature = "compress")]
+        BenchCommand::Model(args) => crate::bench_model::run(&args),
+        #[cfg(feature = "compress")]
+        BenchCommand::ModelRun(args) => crate::bench_model::run_child(&args),
+    }
+}
+
+/// [`Error::Unsupported`] unless this build can run `backend`.
+pub fn check_backend(backend: BackendChoice) -> Result<()> {
+    match backend {
+        BackendChoice::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda => Ok(()),
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Cuda => Err(Error::Unsupported {
+            what:
+                "--backend cuda: this hiprune was built without CUDA support (cargo feature `cuda`)"
+                    .to_string(),
+        }),
+    }
+}
+
+/// Name of a backend in reports.
+pub fn backend_name(backend: BackendChoice) -> &'static str {
+    match backend {
+        BackendChoice::Cpu => "cpu",
+        BackendChoice::Cuda => "cuda",
+    }
+}
+
+/// The card, driver and CUDA version for the report header; `None` on the CPU.
+pub fn gpu_info(backend: BackendChoice) -> Option<GpuInfo> {
+    match backend {
+        BackendChoice::Cpu => None,
+        BackendChoice::Cuda => cuda_device_info(),
+    }
+}
+
+/// CUDA HOOK (to fill when the CUDA backend lands): the card name, driver version,
+/// CUDA runtime version and device memory from `hiprune::backend::cuda`.
+fn cuda_device_info() -> Option<GpuInfo> {
+    None
+}
+
+/// CUDA HOOK (to fill when the CUDA backend lands): time `weights` (`f16` = the cuBLAS
+/// f16 baseline, `int4`/`nf4` = the 4-bit kernels) on `shapes` x `ms` with device
+/// events, warm-up first, and return one [`Measurement`] per (shape, M, weights) with
+/// the same fields as the CPU path; `copy_gbps` is the device-to-device copy bandwidth
+/// measured in the same run.
+#[cfg(feature = "cuda")]
+fn cuda_kernels(
+    _args: &KernelArgs,
+    _shapes: &[Shape],
+    _ms: &[usize],
+) -> Result<(Vec<Measurement>, f64)> {
+    Err(Error::Unsupported {
+        what: "bench kernels --backend cuda: the CUDA backend is not wired into the benchmark yet"
+            .to_string(),
+    })
+}
+
+/// One linear shape and how many layers of the model family have it (0 for a custom
+/// shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    k: usize,
+    n: usize,
+    layers: usize,
+}
+
+/// One timed (shape, M, weights) cell.
 #[derive(Serialize)]
 struct Measurement {
     k: usize,
     n: usize,
     m: usize,
+    /// Linear layers of the model family with this shape (0: custom shape).
+    layers_in_model: usize,
     weights: String,
     weight_bytes: usize,
+    /// Bytes moved once: weights + x + y.
+    bytes_moved: usize,
+    runs: usize,
     median_s: f64,
     min_s: f64,
     max_s: f64,
+    q1_s: f64,
+    q3_s: f64,
     gbps: f64,
     gflops: f64,
+    fraction_of_read_bandwidth: f64,
     speedup_vs_f32: f64,
 }
 
 #[derive(Serialize)]
 struct KernelReport {
-    cpu: String,
-    threads: usize,
-    kernel_path: String,
-    git_revision: String,
+    header: ReportHeader,
+    shapes: String,
+    group: usize,
     streamed: bool,
     read_bandwidth_gbps: f64,
     results: Vec<Measurement>,
 }
 
-/// Runs a bench subcommand.
-pub fn run(command: BenchCommand) -> Result<()> {
-    match command {
-        BenchCommand::Kernels(args) => kernels(&args),
+/// Every distinct linear shape (K, N) of `cfg`'s unpruned model, in model order, with
+/// the number of layers of each.
+fn family_shapes(cfg: &MmditConfig) -> Vec<Shape> {
+    let mut order: Vec<(usize, usize)> = Vec::new();
+    let mut counts: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+    for req in required_tensors(cfg, &PruneSpec::none()) {
+        if let Required::Linear { n, k, .. } = req {
+            let c = counts.entry((k, n)).or_insert(0);
+            if *c == 0 {
+                order.push((k, n));
+            }
+            *c += 1;
+        }
     }
-}
-
-/// Named shape sets: every distinct linear shape (K, N) of the model family's blocks.
-fn parse_shapes(spec: &str) -> Result<Vec<(usize, usize)>> {
-    match spec {
-        // D = 2432: attention, 6D modulation, FFN up/down, context embedder.
-        "sd35-large" => Ok(vec![
-            (2432, 2432),
-            (2432, 14592),
-            (2432, 9728),
-            (9728, 2432),
-            (4096, 2432),
-        ]),
-        // D = 1536: attention, 9D (MMDiT-X) and 6D modulation, FFN up/down.
-        "sd35-medium" => Ok(vec![
-            (1536, 1536),
-            (1536, 13824),
-            (1536, 9216),
-            (1536, 6144),
-            (6144, 1536),
-        ]),
-        custom => custom
-            .split(';')
-            .filter(|s| !s.trim().is_empty())
-            .map(|pair| {
-                let dims: Vec<&str> = pair.split(',').map(str::trim).collect();
-                match dims.as_slice() {
-                    [k, n] => match (k.parse::<usize>(), n.parse::<usize>()) {
-                        (Ok(k), Ok(n)) if k > 0 && n > 0 => Ok((k, n)),
-                        _ => Err(Error::invalid(
-                            "--shapes",
-                            format!("`{pair}` is not K,N with positive integers"),
-                        )),
-                    },
-                    _ => Err(Error::invalid(
-                        "--shapes",
-                        format!("`{pair}` is not a shape; use sd35-large, sd35-medium or K,N;K,N"),
-                    )),
-                }
-            })
-            .collect(),
-    }
-}
-
-fn parse_list(flag: &str, spec: &str) -> Result<Vec<usize>> {
-    spec.split(',')
-        .map(|s| match s.trim().parse::<usize>() {
-            Ok(v) if v > 0 => Ok(v),
-            _ => Err(Error::invalid(
-                flag,
-                format!("`{s}` is not a positive integer"),
-            )),
+    order
+        .into_iter()
+        .map(|(k, n)| Shape {
+            k,
+            n,
+            layers: counts.get(&(k, n)).copied().unwrap_or(0),
         })
         .collect()
 }
 
-/// A 4-bit kernel variant to compare with the dense baseline.
-#[derive(Clone, Copy)]
+/// `sd35-large`, `sd35-medium` or `K,N;K,N;...` (duplicates dropped).
+fn parse_shapes(spec: &str) -> Result<Vec<Shape>> {
+    match spec.trim() {
+        "sd35-large" => return Ok(family_shapes(&MmditConfig::sd35_large())),
+        "sd35-medium" => return Ok(family_shapes(&MmditConfig::sd35_medium())),
+        _ => {}
+    }
+    let mut out: Vec<Shape> = Vec::new();
+    for pair in spec.split(';').filter(|s| !s.trim().is_empty()) {
+        let dims: Vec<&str> = pair.split(',').map(str::trim).collect();
+        let shape = match dims.as_slice() {
+            [k, n] => match (k.parse::<usize>(), n.parse::<usize>()) {
+                (Ok(k), Ok(n)) if k > 0 && n > 0 => Shape { k, n, layers: 0 },
+                _ => {
+                    return Err(Error::invalid(
+                        "--shapes",
+                        format!("`{pair}` is not K,N with positive integers"),
+                    ));
+                }
+            },
+            _ => {
+                return Err(Error::invalid(
+                    "--shapes",
+                    format!(
+                        "`{pair}` is not a shape name or K,N; use sd35-large, sd35-medium or K,N;K,N"
+                    ),
+                ));
+            }
+        };
+        if !out.contains(&shape) {
+            out.push(shape);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(
+            "--shapes",
+            "no shape given; use sd35-large, sd35-medium or K,N;K,N",
+        ));
+    }
+    Ok(out)
+}
+
+/// A comma-separated list of positive integers (duplicates dropped).
+pub fn parse_list(flag: &str, spec: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for s in spec.split(',') {
+        match s.trim().parse::<usize>() {
+            Ok(v) if v > 0 => {
+                if !out.contains(&v) {
+                    out.push(v);
+                }
+            }
+            _ => {
+                return Err(Error::invalid(
+                    flag,
+                    format!("`{}` is not a positive integer", s.trim()),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A kernel variant to compare with the dense f32 baseline.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
     /// f32 activations, INT4 or NF4 weights.
     Q4(Q4Kind),
     /// INT4 weights with per-token int8 activations (integer dot products).
     Int4Int8Activations,
+    /// Dense f16 weights, f32 activations.
+    F16,
 }
 
 impl Variant {
-    fn kind(self) -> Q4Kind {
+    fn q4_kind(self) -> Option<Q4Kind> {
         match self {
-            Variant::Q4(kind) => kind,
-            Variant::Int4Int8Activations => Q4Kind::Int4,
+            Variant::Q4(kind) => Some(kind),
+            Variant::Int4Int8Activations => Some(Q4Kind::Int4),
+            Variant::F16 => None,
         }
     }
 
@@ -166,35 +299,36 @@ impl Variant {
         match self {
             Variant::Q4(kind) => kind.name(),
             Variant::Int4Int8Activations => "int4-a8",
+            Variant::F16 => "f16",
         }
     }
+}
 
-    fn run(self, x: &[f32], m: usize, w: Q4Weights<'_>, y: &mut [f32]) -> Result<()> {
-        match self {
-            Variant::Q4(_) => linear(x, m, &LinearWeights::Q4(w), None, y),
-            Variant::Int4Int8Activations => {
-                int8::linear_q4_int8(KernelPath::detect(), x, m, &w, None, y)
+fn parse_variants(spec: &str) -> Result<Vec<Variant>> {
+    let mut out = Vec::new();
+    for s in spec.split(',') {
+        let v = match s.trim() {
+            "int4" | "int4sym" => Variant::Q4(Q4Kind::Int4Sym),
+            "int4-asym" => Variant::Q4(Q4Kind::Int4),
+            "nf4" => Variant::Q4(Q4Kind::Nf4),
+            "int4-a8" => Variant::Int4Int8Activations,
+            "f16" => Variant::F16,
+            other => {
+                return Err(Error::invalid(
+                    "--weights",
+                    format!("`{other}` is not one of int4, int4-asym, nf4, f16, int4-a8"),
+                ));
             }
+        };
+        if !out.contains(&v) {
+            out.push(v);
         }
     }
+    Ok(out)
 }
 
-fn parse_kinds(spec: &str) -> Result<Vec<Variant>> {
-    spec.split(',')
-        .map(|s| match s.trim() {
-            "int4" => Ok(Variant::Q4(Q4Kind::Int4)),
-            "nf4" => Ok(Variant::Q4(Q4Kind::Nf4)),
-            "int4-a8" => Ok(Variant::Int4Int8Activations),
-            other => Err(Error::invalid(
-                "--weights",
-                format!("`{other}` is not one of int4, nf4, int4-a8"),
-            )),
-        })
-        .collect()
-}
-
-/// Runs `f` until the time budget is spent (at least 3, at most 200 runs, after one
-/// warm-up run) and returns the sorted run times.
+/// Runs `f` once as warm-up, then until the time budget is spent (at least 3, at most
+/// 200 runs), and returns the sorted run times.
 fn time_runs(seconds: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
     f(0)?;
     let mut times = Vec::new();
@@ -208,177 +342,281 @@ fn time_runs(seconds: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec
     Ok(times)
 }
 
-fn kernels(args: &KernelArgs) -> Result<()> {
-    if args.backend != "cpu" {
-        return Err(Error::Unsupported {
-            what: format!("backend `{}` in this build (available: cpu)", args.backend),
-        });
+/// The value at quantile `q` of sorted `times`, interpolated linearly between ranks
+/// (so the median of an even count is the mean of the middle two).
+pub fn quantile(times: &[f64], q: f64) -> f64 {
+    match times {
+        [] => f64::NAN,
+        [only] => *only,
+        _ => {
+            let pos = (times.len() - 1) as f64 * q.clamp(0.0, 1.0);
+            let lo = pos.floor() as usize;
+            let hi = (lo + 1).min(times.len() - 1);
+            let frac = pos - lo as f64;
+            times[lo] + (times[hi] - times[lo]) * frac
+        }
     }
-    let shapes = parse_shapes(&args.shapes)?;
-    let ms = parse_list("--m", &args.m)?;
-    let kinds = parse_kinds(&args.weights)?;
-    let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::invalid("--threads", e.to_string()))?;
-    pool.install(|| kernels_in_pool(args, &shapes, &ms, &kinds, threads))
 }
 
-fn kernels_in_pool(
+fn kernels(args: &KernelArgs) -> Result<()> {
+    check_backend(args.backend)?;
+    let shapes = parse_shapes(&args.shapes)?;
+    let ms = parse_list("--m", &args.m)?;
+    let variants = parse_variants(&args.weights)?;
+    if !(args.seconds.is_finite() && args.seconds >= 0.0) {
+        return Err(Error::invalid("--seconds", "must be a non-negative number"));
+    }
+    for shape in &shapes {
+        for v in &variants {
+            if let Some(kind) = v.q4_kind() {
+                hiprune::quant::check_q4_dims(
+                    kind,
+                    &format!("--shapes {},{}", shape.k, shape.n),
+                    shape.k,
+                    args.group,
+                )?;
+            }
+        }
+    }
+    let threads = args.threads.unwrap_or_else(rayon::current_num_threads);
+    if threads == 0 {
+        return Err(Error::invalid("--threads", "must be at least 1"));
+    }
+    let header = ReportHeader::collect(backend_name(args.backend), threads, gpu_info(args.backend));
+    let (results, read_bw) = match args.backend {
+        BackendChoice::Cpu => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| Error::invalid("--threads", e.to_string()))?;
+            pool.install(|| kernels_cpu(args, &shapes, &ms, &variants, threads))?
+        }
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda => cuda_kernels(args, &shapes, &ms)?,
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Cuda => {
+            check_backend(args.backend)?;
+            return Ok(());
+        }
+    };
+    let report = KernelReport {
+        header,
+        shapes: args.shapes.clone(),
+        group: args.group,
+        streamed: !args.hot,
+        read_bandwidth_gbps: read_bw,
+        results,
+    };
+    match OutputFormat::from_flags(args.json, args.csv) {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::invalid("report", e.to_string()))?
+        ),
+        OutputFormat::Csv => print!("{}", kernel_csv(&report)),
+        OutputFormat::Table => print!("{}", kernel_table(&report)),
+    }
+    Ok(())
+}
+
+/// Random weights of one shape in every form the run needs.
+struct ShapeWeights {
+    dense: Vec<Vec<f32>>,
+    f16: Vec<Vec<f16>>,
+    q4: Vec<(Variant, Vec<Q4Data>)>,
+}
+
+fn kernels_cpu(
     args: &KernelArgs,
-    shapes: &[(usize, usize)],
+    shapes: &[Shape],
     ms: &[usize],
-    kinds: &[Variant],
+    variants: &[Variant],
     threads: usize,
-) -> Result<()> {
-    let path = KernelPath::detect();
+) -> Result<(Vec<Measurement>, f64)> {
     eprintln!("measuring memory read bandwidth ...");
     let read_bw = membw::measure_read_bandwidth(256 << 20, threads);
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let mut results = Vec::new();
     let total = shapes.len() * ms.len();
-    for (i, &(k, n)) in shapes.iter().enumerate() {
-        for kind in kinds {
-            hiprune::quant::check_q4_dims(kind.kind(), "--shapes", k, args.group)?;
+    let copies = |bytes: usize| {
+        if args.hot {
+            1
+        } else {
+            STREAM_BYTES.div_ceil(bytes.max(1)).max(1)
         }
-        let copies = |bytes: usize| {
-            if args.hot {
-                1
-            } else {
-                STREAM_BYTES.div_ceil(bytes).max(1)
-            }
-        };
-        let dense: Vec<Vec<f32>> = (0..copies(n * k * 4))
-            .map(|_| {
-                (0..n * k)
-                    .map(|_| rng.random_range(-0.05f32..0.05))
-                    .collect()
-            })
+    };
+    for (i, shape) in shapes.iter().enumerate() {
+        let (k, n) = (shape.k, shape.n);
+        let nk = n
+            .checked_mul(k)
+            .ok_or_else(|| Error::invalid("--shapes", format!("{k},{n} overflows")))?;
+        let dense: Vec<Vec<f32>> = (0..copies(nk * 4))
+            .map(|_| (0..nk).map(|_| rng.random_range(-0.05f32..0.05)).collect())
             .collect();
-        let q4: Vec<(Variant, Vec<Q4Data>)> = kinds
+        let f16: Vec<Vec<f16>> = if variants.contains(&Variant::F16) {
+            (0..copies(nk * 2))
+                .map(|c| {
+                    dense[c % dense.len()]
+                        .iter()
+                        .map(|&v| f16::from_f32(v))
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let q4 = variants
             .iter()
-            .map(|&kind| {
-                let bytes = n * k / 2 + n * k / args.group * 4;
+            .filter_map(|&v| v.q4_kind().map(|kind| (v, kind)))
+            .map(|(v, kind)| {
+                let bytes = nk / 2 + nk / args.group * 4;
                 (
-                    kind,
+                    v,
                     (0..copies(bytes))
-                        .map(|_| Q4Data::random(&mut rng, kind.kind(), n, k, args.group))
+                        .map(|_| Q4Data::random(&mut rng, kind, n, k, args.group))
                         .collect(),
                 )
             })
             .collect();
+        let weights = ShapeWeights { dense, f16, q4 };
         for (j, &m) in ms.iter().enumerate() {
             eprintln!("[{}/{total}] K={k} N={n} M={m}", i * ms.len() + j + 1);
-            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            let mut y = vec![0.0f32; m * n];
-            let flops = 2.0 * (m * n * k) as f64;
-            let act_bytes = 4 * (m * k + m * n);
-            let dense_times = time_runs(args.seconds, |run| {
-                let w = LinearWeights::dense(DenseData::F32(&dense[run % dense.len()]), n, k)?;
-                linear(&x, m, &w, None, &mut y)
-            })?;
-            let dense_median = dense_times[dense_times.len() / 2];
-            results.push(measurement(
-                k,
-                n,
+            measure_shape(
+                args,
+                *shape,
                 m,
-                "f32",
-                n * k * 4,
-                act_bytes,
-                flops,
-                &dense_times,
-                dense_median,
-            ));
-            for (kind, copies) in &q4 {
-                let views = copies
-                    .iter()
-                    .map(|d| d.view(kind.kind(), n, k, args.group))
-                    .collect::<Result<Vec<_>>>()?;
-                let times = time_runs(args.seconds, |run| {
-                    kind.run(&x, m, views[run % views.len()], &mut y)
-                })?;
-                let bytes = views[0].nbytes();
-                results.push(measurement(
-                    k,
-                    n,
-                    m,
-                    kind.name(),
-                    bytes,
-                    act_bytes,
-                    flops,
-                    &times,
-                    dense_median,
-                ));
-            }
+                variants,
+                &weights,
+                read_bw,
+                &mut rng,
+                &mut results,
+            )?;
         }
     }
-    let report = KernelReport {
-        cpu: cpu_model(),
-        threads,
-        kernel_path: path.to_string(),
-        git_revision: git_revision().to_string(),
-        streamed: !args.hot,
-        read_bandwidth_gbps: read_bw,
-        results,
+    Ok((results, read_bw))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_shape(
+    args: &KernelArgs,
+    shape: Shape,
+    m: usize,
+    variants: &[Variant],
+    w: &ShapeWeights,
+    read_bw: f64,
+    rng: &mut StdRng,
+    results: &mut Vec<Measurement>,
+) -> Result<()> {
+    let (k, n) = (shape.k, shape.n);
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let mut y = vec![0.0f32; m * n];
+    let cell = Cell {
+        shape,
+        m,
+        act_bytes: 4 * (m * k + m * n),
+        flops: 2.0 * (m as f64) * (n as f64) * (k as f64),
+        read_bw,
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report)
-                .map_err(|e| Error::invalid("report", e.to_string()))?
-        );
-    } else {
-        print_kernel_table(&report);
+    let dense_times = time_runs(args.seconds, |run| {
+        let lw = LinearWeights::dense(DenseData::F32(&w.dense[run % w.dense.len()]), n, k)?;
+        linear(&x, m, &lw, None, &mut y)
+    })?;
+    let dense_median = quantile(&dense_times, 0.5);
+    results.push(cell.measurement("f32", n * k * 4, &dense_times, dense_median));
+    for &v in variants {
+        let (times, bytes) = match v {
+            Variant::F16 => {
+                let times = time_runs(args.seconds, |run| {
+                    let lw = LinearWeights::dense(DenseData::F16(&w.f16[run % w.f16.len()]), n, k)?;
+                    linear(&x, m, &lw, None, &mut y)
+                })?;
+                (times, n * k * 2)
+            }
+            _ => {
+                let Some((_, copies)) = w.q4.iter().find(|(q, _)| *q == v) else {
+                    continue;
+                };
+                let Some(kind) = v.q4_kind() else { continue };
+                let views = copies
+                    .iter()
+                    .map(|d| d.view(kind, n, k, args.group))
+                    .collect::<Result<Vec<_>>>()?;
+                let times = time_runs(args.seconds, |run| {
+                    let qw = views[run % views.len()];
+                    match v {
+                        Variant::Int4Int8Activations => {
+                            int8::linear_q4_int8(KernelPath::detect(), &x, m, &qw, None, &mut y)
+                        }
+                        _ => linear(&x, m, &LinearWeights::Q4(qw), None, &mut y),
+                    }
+                })?;
+                (times, views[0].nbytes())
+            }
+        };
+        results.push(cell.measurement(v.name(), bytes, &times, dense_median));
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn measurement(
-    k: usize,
-    n: usize,
+/// The fixed quantities of one (shape, M) cell.
+struct Cell {
+    shape: Shape,
     m: usize,
-    weights: &str,
-    weight_bytes: usize,
     act_bytes: usize,
     flops: f64,
-    times: &[f64],
-    dense_median: f64,
-) -> Measurement {
-    let median = times[times.len() / 2];
-    Measurement {
-        k,
-        n,
-        m,
-        weights: weights.to_string(),
-        weight_bytes,
-        median_s: median,
-        min_s: times[0],
-        max_s: times[times.len() - 1],
-        gbps: (weight_bytes + act_bytes) as f64 / median / 1e9,
-        gflops: flops / median / 1e9,
-        speedup_vs_f32: dense_median / median,
+    read_bw: f64,
+}
+
+impl Cell {
+    fn measurement(
+        &self,
+        weights: &str,
+        weight_bytes: usize,
+        times: &[f64],
+        dense_median: f64,
+    ) -> Measurement {
+        let median = quantile(times, 0.5);
+        let bytes_moved = weight_bytes + self.act_bytes;
+        let gbps = bytes_moved as f64 / median / 1e9;
+        Measurement {
+            k: self.shape.k,
+            n: self.shape.n,
+            m: self.m,
+            layers_in_model: self.shape.layers,
+            weights: weights.to_string(),
+            weight_bytes,
+            bytes_moved,
+            runs: times.len(),
+            median_s: median,
+            min_s: times.first().copied().unwrap_or(f64::NAN),
+            max_s: times.last().copied().unwrap_or(f64::NAN),
+            q1_s: quantile(times, 0.25),
+            q3_s: quantile(times, 0.75),
+            gbps,
+            gflops: self.flops / median / 1e9,
+            fraction_of_read_bandwidth: gbps / self.read_bw,
+            speedup_vs_f32: dense_median / median,
+        }
     }
 }
 
-fn print_kernel_table(report: &KernelReport) {
-    println!("hiprune bench kernels (cpu)");
-    println!(
-        "cpu: {} | threads: {} | path: {} | rev: {}",
-        report.cpu, report.threads, report.kernel_path, report.git_revision
-    );
-    println!(
-        "weights {} | measured read bandwidth {:.1} GB/s",
+fn kernel_table(report: &KernelReport) -> String {
+    let mut out = report.header.text("hiprune bench kernels");
+    out.push_str(&format!(
+        "  {:<12} {} | G = {} | weights {} | measured read bandwidth {:.1} GB/s\n\n",
+        "setup",
+        report.shapes,
+        report.group,
         if report.streamed {
             "streamed from memory (rotating copies)"
         } else {
             "cache-resident (--hot)"
         },
         report.read_bandwidth_gbps
-    );
+    ));
     let mut table = Table::new(&[
         "K x N",
+        "layers",
         "M",
         "weights",
         "median ms",
@@ -391,17 +629,78 @@ fn print_kernel_table(report: &KernelReport) {
     for r in &report.results {
         table.row(vec![
             format!("{}x{}", r.k, r.n),
+            if r.layers_in_model == 0 {
+                "-".to_string()
+            } else {
+                r.layers_in_model.to_string()
+            },
             r.m.to_string(),
             r.weights.clone(),
             format!("{:.3}", r.median_s * 1e3),
             format!("{:.3}-{:.3}", r.min_s * 1e3, r.max_s * 1e3),
             format!("{:.1}", r.gbps),
-            format!("{:.0}%", 100.0 * r.gbps / report.read_bandwidth_gbps),
+            format!("{:.0}%", 100.0 * r.fraction_of_read_bandwidth),
             format!("{:.1}", r.gflops),
             format!("{:.2}x", r.speedup_vs_f32),
         ]);
     }
-    print!("{}", table.render());
+    out.push_str(&table.render());
+    out.push_str(
+        "GB/s counts weights + x + y once each; vs f32 = dense f32 median / this median.\n",
+    );
+    out
+}
+
+fn kernel_csv(report: &KernelReport) -> String {
+    let mut out = report.header.csv_comments();
+    out.push_str(&format!(
+        "# read bandwidth GB/s: {:.3}\n# streamed: {}\n# group: {}\n",
+        report.read_bandwidth_gbps, report.streamed, report.group
+    ));
+    out.push_str(&csv_line(
+        &[
+            "k",
+            "n",
+            "m",
+            "layers_in_model",
+            "weights",
+            "weight_bytes",
+            "bytes_moved",
+            "runs",
+            "median_s",
+            "min_s",
+            "max_s",
+            "q1_s",
+            "q3_s",
+            "gbps",
+            "gflops",
+            "fraction_of_read_bandwidth",
+            "speedup_vs_f32",
+        ]
+        .map(String::from),
+    ));
+    for r in &report.results {
+        out.push_str(&csv_line(&[
+            r.k.to_string(),
+            r.n.to_string(),
+            r.m.to_string(),
+            r.layers_in_model.to_string(),
+            r.weights.clone(),
+            r.weight_bytes.to_string(),
+            r.bytes_moved.to_string(),
+            r.runs.to_string(),
+            format!("{:e}", r.median_s),
+            format!("{:e}", r.min_s),
+            format!("{:e}", r.max_s),
+            format!("{:e}", r.q1_s),
+            format!("{:e}", r.q3_s),
+            format!("{:.4}", r.gbps),
+            format!("{:.4}", r.gflops),
+            format!("{:.4}", r.fraction_of_read_bandwidth),
+            format!("{:.4}", r.speedup_vs_f32),
+        ]));
+    }
+    out
 }
 
 /// Random 4-bit weights of one matrix.

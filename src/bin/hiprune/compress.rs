@@ -19,8 +19,13 @@ use crate::report::human_bytes;
 /// Weight storage on the command line.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum WeightsArg {
-    /// INT4, per-group scale and offset.
+    /// Symmetric INT4, one f16 scale per group, w = scale * (q - 8) (4.25 bits per
+    /// weight at --group 64).
     Int4,
+    /// Asymmetric INT4, f16 scale and offset per group (4.5 bits per weight at --group
+    /// 64).
+    #[value(name = "int4-asym")]
+    Int4Asym,
     /// NF4, per-block absmax.
     Nf4,
     /// Dense f16.
@@ -33,6 +38,7 @@ impl From<WeightsArg> for WeightFormat {
     fn from(w: WeightsArg) -> Self {
         match w {
             WeightsArg::Int4 => WeightFormat::Int4,
+            WeightsArg::Int4Asym => WeightFormat::Int4Asym,
             WeightsArg::Nf4 => WeightFormat::Nf4,
             WeightsArg::F16 => WeightFormat::F16,
             WeightsArg::F32 => WeightFormat::F32,

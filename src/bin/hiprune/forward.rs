@@ -3,8 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
+use hiprune::Result;
+use hiprune::backend::Device;
 use hiprune::model::{Mmdit, MmditInputs, PruneSpec, TensorFile, write_tensors};
-use hiprune::{Error, Result};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -31,14 +32,12 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model with the extra removed blocks.
     pub fn load(&self) -> Result<Mmdit> {
-        if let BackendChoice::Cuda = self.backend {
-            return Err(Error::Unsupported {
-                what: "--backend cuda: this hiprune was not built with CUDA (build with --features cuda)"
-                    .to_string(),
-            });
-        }
+        let device = match self.backend {
+            BackendChoice::Cpu => Device::Cpu,
+            BackendChoice::Cuda => Device::Cuda(0),
+        };
         let extra = PruneSpec::parse_block_list(&self.remove_blocks)?;
-        let mut model = Mmdit::load(&self.model)?;
+        let mut model: Mmdit = Mmdit::load_on(&self.model, device)?;
         if !extra.is_empty() {
             let mut spec = model.prune_spec().clone();
             spec.removed_blocks.extend(extra);

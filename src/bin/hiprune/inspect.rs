@@ -134,6 +134,8 @@ fn precision_family(p: Precision) -> &'static str {
         Precision::Bf16 => "bf16",
         Precision::Int4 { .. } => "int4",
         Precision::Nf4 { .. } => "nf4",
+        Precision::Int4Sym { .. } => "int4sym",
+        Precision::Sincos2d { .. } => "computed",
     }
 }
 
@@ -181,10 +183,11 @@ fn print_report(r: &InspectReport) {
             l.precision.clone(),
             format!("{} x {}", l.out_features, l.in_features),
             human_bytes(l.bytes),
-            format!(
-                "{:.2}x smaller",
-                l.dense_f16_bytes as f64 / l.bytes.max(1) as f64
-            ),
+            if l.bytes == 0 {
+                "not stored".to_string()
+            } else {
+                format!("{:.2}x smaller", l.dense_f16_bytes as f64 / l.bytes as f64)
+            },
         ]);
     }
     print!("{}", table.render());

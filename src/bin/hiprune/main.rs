@@ -2,6 +2,8 @@
 
 mod bench;
 #[cfg(feature = "compress")]
+mod bench_model;
+#[cfg(feature = "compress")]
 mod compress;
 #[cfg(feature = "compress")]
 mod demo;

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
+
 /// The CPU model name, from /proc/cpuinfo where readable.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -85,4 +87,167 @@ impl Table {
         }
         out
     }
+}
+
+/// How a bench report is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// A human table.
+    Table,
+    /// One JSON document.
+    Json,
+    /// CSV rows after `# key: value` comment lines holding the header.
+    Csv,
+}
+
+impl OutputFormat {
+    /// The format the `--json` / `--csv` flags ask for (clap keeps them exclusive).
+    pub fn from_flags(json: bool, csv: bool) -> Self {
+        match (json, csv) {
+            (true, _) => OutputFormat::Json,
+            (false, true) => OutputFormat::Csv,
+            _ => OutputFormat::Table,
+        }
+    }
+}
+
+/// The GPU a CUDA report ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuInfo {
+    /// Card name.
+    pub name: String,
+    /// Driver version.
+    pub driver: String,
+    /// CUDA runtime version.
+    pub cuda_version: String,
+    /// Total device memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// The machine and build a bench report was measured on; printed at the top of every
+/// report of `hiprune bench`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportHeader {
+    /// hiprune version (Cargo.toml).
+    pub version: String,
+    /// Git revision of the build.
+    pub git_revision: String,
+    /// Operating system and kernel release.
+    pub os: String,
+    /// CPU model name.
+    pub cpu: String,
+    /// Logical CPUs the process may use.
+    pub cpu_threads_available: usize,
+    /// Threads the measurement used.
+    pub threads: usize,
+    /// SIMD path of the CPU kernels.
+    pub kernel_path: String,
+    /// `cpu` or `cuda`.
+    pub backend: String,
+    /// The card, driver and CUDA version (CUDA reports only).
+    pub gpu: Option<GpuInfo>,
+}
+
+impl ReportHeader {
+    /// Collects the header for a report on `backend` run with `threads` threads.
+    pub fn collect(backend: &str, threads: usize, gpu: Option<GpuInfo>) -> Self {
+        ReportHeader {
+            version: hiprune::VERSION.to_string(),
+            git_revision: git_revision().to_string(),
+            os: os_description(),
+            cpu: cpu_model(),
+            cpu_threads_available: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            threads,
+            kernel_path: hiprune::backend::cpu::KernelPath::detect().to_string(),
+            backend: backend.to_string(),
+            gpu,
+        }
+    }
+
+    /// `(key, value)` pairs in print order.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![
+            (
+                "hiprune",
+                format!("{} (rev {})", self.version, self.git_revision),
+            ),
+            ("os", self.os.clone()),
+            ("cpu", self.cpu.clone()),
+            (
+                "threads",
+                format!(
+                    "{} used of {} available",
+                    self.threads, self.cpu_threads_available
+                ),
+            ),
+            ("kernel path", self.kernel_path.clone()),
+            ("backend", self.backend.clone()),
+        ];
+        if let Some(gpu) = &self.gpu {
+            out.push((
+                "gpu",
+                format!(
+                    "{} ({}), driver {}, CUDA {}",
+                    gpu.name,
+                    human_bytes(gpu.memory_bytes),
+                    gpu.driver,
+                    gpu.cuda_version
+                ),
+            ));
+        }
+        out
+    }
+
+    /// The header as text lines, for the human table.
+    pub fn text(&self, title: &str) -> String {
+        let mut out = format!("{title}\n");
+        for (key, value) in self.fields() {
+            let _ = writeln!(out, "  {key:<12} {value}");
+        }
+        out
+    }
+
+    /// The header as `# key: value` lines, for CSV output.
+    pub fn csv_comments(&self) -> String {
+        let mut out = String::new();
+        for (key, value) in self.fields() {
+            let _ = writeln!(out, "# {key}: {value}");
+        }
+        out
+    }
+}
+
+/// `PRETTY_NAME` of /etc/os-release (or the OS family) plus the kernel release.
+pub fn os_description() -> String {
+    let name = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|s| s.trim().trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_string());
+    match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        Ok(release) => format!("{name}, kernel {}", release.trim()),
+        Err(_) => name,
+    }
+}
+
+/// One CSV line from `cells` (quoted where a cell holds a comma, quote or newline).
+pub fn csv_line(cells: &[String]) -> String {
+    let mut out = cells
+        .iter()
+        .map(|c| {
+            if c.contains([',', '"', '\n']) {
+                format!("\"{}\"", c.replace('"', "\"\""))
+            } else {
+                c.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    out.push('\n');
+    out
 }

@@ -1,0 +1,123 @@
+//! The 2D sin-cos positional table of diffusers' `PatchEmbed`, computed exactly as
+//! diffusers computes it, so that a package can omit the stored table when a
+//! checkpoint's table is this one.
+//!
+//! diffusers (`get_2d_sincos_pos_embed(D, grid, base_size, interpolation_scale=1)`,
+//! with `base_size = sample_size // patch_size`):
+//!
+//! - positions `p_i = f32(i) / f32(grid / base_size)` for `i` in `0..grid`, in f32;
+//! - frequencies `omega_j = 1 / 10000^(j / (D/4))` for `j` in `0..D/4`, in f64;
+//! - the row of patch (row `r`, column `c`), index `r * grid + c`, is
+//!   `[sin(p_c omega) | cos(p_c omega) | sin(p_r omega) | cos(p_r omega)]`, each block
+//!   `D/4` wide, every product, sine and cosine in f64;
+//! - the f64 table is rounded to f32 (`.float()`), then to the checkpoint's dtype.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format::Dtype;
+
+/// Checks the table's sizes: `grid, base_size >= 1`, `dim` a positive multiple of 4,
+/// and `grid * grid * dim` addressable.
+fn check_dims(grid: usize, base_size: usize, dim: usize) -> Result<usize> {
+    if grid == 0 || base_size == 0 {
+        return Err(Error::invalid(
+            "sin-cos table",
+            format!("grid ({grid}) and base_size ({base_size}) must be at least 1"),
+        ));
+    }
+    if dim == 0 || !dim.is_multiple_of(4) {
+        return Err(Error::invalid(
+            "sin-cos table",
+            format!("width {dim} must be a positive multiple of 4"),
+        ));
+    }
+    grid.checked_mul(grid)
+        .and_then(|g2| g2.checked_mul(dim))
+        .ok_or_else(|| Error::invalid("sin-cos table", "grid * grid * width overflows"))
+}
+
+/// The 1D half-table `[grid, D/2]`: `[sin(p_i omega) | cos(p_i omega)]` per position,
+/// in f64.
+fn half_table(grid: usize, base_size: usize, dim: usize) -> Vec<f64> {
+    let quarter = dim / 4;
+    // Python computes `grid / base_size` in f64; torch divides the f32 positions by it
+    // in f32. (Rounding the f64 quotient instead gives the same f32: double rounding of
+    // a division is harmless from f64 to f32.)
+    let div = (grid as f64 / base_size as f64) as f32;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|j| 1.0 / 10000f64.powf(j as f64 / quarter as f64))
+        .collect();
+    let mut out = vec![0.0f64; grid * 2 * quarter];
+    for (i, row) in out.chunks_exact_mut(2 * quarter).enumerate() {
+        let p = f64::from(i as f32 / div);
+        let (sin, cos) = row.split_at_mut(quarter);
+        for ((s, c), &om) in sin.iter_mut().zip(cos.iter_mut()).zip(&omega) {
+            let a = p * om;
+            *s = a.sin();
+            *c = a.cos();
+        }
+    }
+    out
+}
+
+/// The table `[grid * grid, dim]` rounded from f64 to f32, as diffusers registers it.
+pub fn sincos_2d_f32(grid: usize, base_size: usize, dim: usize) -> Result<Vec<f32>> {
+    let len = check_dims(grid, base_size, dim)?;
+    let half = half_table(grid, base_size, dim);
+    let hw = dim / 2;
+    let mut out = vec![0.0f32; len];
+    out.par_chunks_exact_mut(dim)
+        .enumerate()
+        .for_each(|(idx, row)| {
+            let (r, c) = (idx / grid, idx % grid);
+            let (first, second) = row.split_at_mut(hw);
+            for (o, &v) in first.iter_mut().zip(&half[c * hw..(c + 1) * hw]) {
+                *o = v as f32;
+            }
+            for (o, &v) in second.iter_mut().zip(&half[r * hw..(r + 1) * hw]) {
+                *o = v as f32;
+            }
+        });
+    Ok(out)
+}
+
+/// `v` rounded to the float `dtype` and widened back to f32; `None` for U8.
+pub fn round_value(v: f32, dtype: Dtype) -> Option<f32> {
+    match dtype {
+        Dtype::F32 => Some(v),
+        Dtype::F16 => Some(f16::from_f32(v).to_f32()),
+        Dtype::Bf16 => Some(bf16::from_f32(v).to_f32()),
+        Dtype::U8 => None,
+    }
+}
+
+/// Rounds f32 values to `dtype` and back, in place (a no-op for F32).
+pub fn round_through(values: &mut [f32], dtype: Dtype) -> Result<()> {
+    if round_value(0.0, dtype).is_none() {
+        return Err(Error::invalid(
+            "sin-cos table",
+            "dtype U8 is not a float type",
+        ));
+    }
+    values
+        .par_iter_mut()
+        .for_each(|v| *v = round_value(*v, dtype).unwrap_or(*v));
+    Ok(())
+}
+
+/// The table as a model uses it: f64, rounded to f32, then to each dtype of `chain` in
+/// order (the checkpoint's dtype, then the package's), returned as f32.
+pub fn sincos_2d_table(
+    grid: usize,
+    base_size: usize,
+    dim: usize,
+    chain: &[Dtype],
+) -> Result<Vec<f32>> {
+    let mut t = sincos_2d_f32(grid, base_size, dim)?;
+    for &d in chain {
+        round_through(&mut t, d)?;
+    }
+    Ok(t)
+}
