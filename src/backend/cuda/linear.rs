@@ -56,8 +56,14 @@ fn launchers(
             ("hp_launch_gemm_nf4_f16", sys::hp_launch_gemm_nf4_f16),
         ),
         Q4Kind::Int4Sym => (
-            ("hp_launch_gemv_int4sym_f16", sys::hp_launch_gemv_int4sym_f16),
-            ("hp_launch_gemm_int4sym_f16", sys::hp_launch_gemm_int4sym_f16),
+            (
+                "hp_launch_gemv_int4sym_f16",
+                sys::hp_launch_gemv_int4sym_f16,
+            ),
+            (
+                "hp_launch_gemm_int4sym_f16",
+                sys::hp_launch_gemm_int4sym_f16,
+            ),
         ),
     }
 }
