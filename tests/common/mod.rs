@@ -24,3 +24,35 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert!(max_ref > 0.0);
     max_err / max_ref
 }
+
+/// A fresh seed per run, printed so a failure can be replayed with HIPRUNE_TEST_SEED.
+pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("HIPRUNE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    println!("{test}: seed {seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// The CUDA backend on device 0, or `None` after printing why the test is skipped.
+/// Panics instead when `HIPRUNE_REQUIRE_GPU=1` (set by the GPU check script), so a
+/// missing device fails there.
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Option<hiprune::backend::cuda::CudaBackend> {
+    match hiprune::backend::cuda::CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            if std::env::var("HIPRUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("HIPRUNE_REQUIRE_GPU=1 but no CUDA device: {e}");
+            }
+            println!("skipped: {e}");
+            None
+        }
+    }
+}
