@@ -120,25 +120,18 @@ fn fixtures_match_diffusers_on_cuda() {
 
 #[test]
 fn load_on_opens_the_cuda_device() {
-    match Mmdit::<CudaBackend>::load_on(fixture("sd3"), Device::Cuda(0)) {
-        Ok(m) => {
-            assert_eq!(m.backend().device(), Device::Cuda(0));
-            let err = rel_err(&run(&m, "sd3"), &want("sd3", "output"));
-            assert!(err <= TOL, "{err}");
-        }
-        Err(e) => {
-            assert!(
-                matches!(e, hiprune::Error::NoCudaDevice { .. }),
-                "without a device: {e}"
-            );
-            assert!(
-                std::env::var("HIPRUNE_REQUIRE_GPU").map_or(true, |v| v != "1"),
-                "HIPRUNE_REQUIRE_GPU=1 but no CUDA device: {e}"
-            );
-            println!("skipped: {e}");
-        }
-    }
     assert!(Mmdit::<CudaBackend>::load_on(fixture("sd3"), Device::Cpu).is_err());
+    if common::gpu().is_none() {
+        if !hiprune::backend::cuda::driver_present() {
+            let e = Mmdit::<CudaBackend>::load_on(fixture("sd3"), Device::Cuda(0)).unwrap_err();
+            assert!(matches!(e, hiprune::Error::NoCudaDevice { .. }), "{e}");
+        }
+        return;
+    }
+    let m = Mmdit::<CudaBackend>::load_on(fixture("sd3"), Device::Cuda(0)).unwrap();
+    assert_eq!(m.backend().device(), Device::Cuda(0));
+    let err = rel_err(&run(&m, "sd3"), &want("sd3", "output"));
+    assert!(err <= TOL, "{err}");
 }
 
 /// The largest allowed INT4 group (up to `preferred`) that divides `k`.

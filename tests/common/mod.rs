@@ -6,10 +6,16 @@ use std::path::PathBuf;
 use hiprune::model::Tensor;
 
 /// A file or folder under `tests/fixtures/mmdit`.
+/// Relative to the working directory when the source tree the test was built in is
+/// gone (a test executable copied to another machine and run from the repository root).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mmdit")
-        .join(name)
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mmdit");
+    let root = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures/mmdit")
+    };
+    root.join(name)
 }
 
 /// max|a - b| / max|b|, for tensors of the same shape and a non-zero reference.
@@ -40,19 +46,23 @@ pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
 }
 
-/// The CUDA backend on device 0, or `None` after printing why the test is skipped.
-/// Panics instead when `HIPRUNE_REQUIRE_GPU=1` (set by the GPU check script), so a
-/// missing device fails there.
+/// The CUDA backend on device 0, or `None` after printing why the test is skipped
+/// (no device, or no cuBLAS, which the engine's dense layers need). Panics instead when
+/// `HIPRUNE_REQUIRE_GPU=1` (set by the GPU check script), so a skip fails there.
 #[cfg(feature = "cuda")]
 pub fn gpu() -> Option<hiprune::backend::cuda::CudaBackend> {
-    match hiprune::backend::cuda::CudaBackend::new(0) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            if std::env::var("HIPRUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("HIPRUNE_REQUIRE_GPU=1 but no CUDA device: {e}");
-            }
-            println!("skipped: {e}");
-            None
+    let skip = |why: String| {
+        if std::env::var("HIPRUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("HIPRUNE_REQUIRE_GPU=1 but {why}");
         }
+        println!("skipped: {why}");
+        None
+    };
+    match hiprune::backend::cuda::CudaBackend::new(0) {
+        Ok(_) if !hiprune::backend::cuda::cublas_present() => {
+            skip("cuBLAS (libcublas.so) cannot be loaded".into())
+        }
+        Ok(b) => Some(b),
+        Err(e) => skip(format!("no CUDA device: {e}")),
     }
 }
