@@ -92,6 +92,71 @@ int32_t hp_launch_gemm_nf4_f16(const uint16_t *x, const uint8_t *qweight, const 
                                const uint16_t *offsets, const uint16_t *bias, uint16_t *y,
                                int32_t m, int32_t n, int32_t k, int32_t group, void *stream);
 
+/* ---- Model ops (f16 activations, f32 statistics and accumulation) ----
+ * Activation buffers are row-major [rows, cols]. Per-batch modulation vectors (adaLN
+ * shift / scale / gate chunks of one [batch, 6 * dim] linear output) are passed as a
+ * pointer to the chunk plus `mod_stride`, the elements between consecutive batch
+ * entries; row r belongs to batch entry r / rows_per_batch.
+ */
+
+/**
+ * y[r] = LayerNorm(x[r]) * (1 + scale[b]) + shift[b] (no affine weights, eps inside the
+ * square root; statistics in f32). `shift` and `scale` may both be NULL (plain
+ * LayerNorm). x and y may be the same buffer. dim must be even.
+ */
+int32_t hp_launch_layer_norm_modulate_f16(const uint16_t *x, const uint16_t *shift,
+                                          const uint16_t *scale, uint16_t *y, int32_t rows,
+                                          int32_t dim, int32_t rows_per_batch,
+                                          int32_t mod_stride, float eps, void *stream);
+
+/**
+ * Per-head RMS norm in place: for each row and head h, x[r, h*head_dim .. +head_dim] *=
+ * weight / sqrt(mean(x^2) + eps). `row_stride` is the elements between rows
+ * (>= heads * head_dim); `weight` (f16 [head_dim]) may be NULL (no affine).
+ */
+int32_t hp_launch_rms_norm_heads_f16(uint16_t *x, const uint16_t *weight, int32_t rows,
+                                     int32_t heads, int32_t head_dim, int32_t row_stride,
+                                     float eps, void *stream);
+
+/** x[r, c] += gate[b, c] * y[r, c] (gated residual); x, y are [rows, dim]. */
+int32_t hp_launch_gated_residual_f16(uint16_t *x, const uint16_t *gate, const uint16_t *y,
+                                     int32_t rows, int32_t dim, int32_t rows_per_batch,
+                                     int32_t mod_stride, void *stream);
+
+/** x[r, c] += y[r % y_rows, c]: residual add (y_rows == rows) or a broadcast table. */
+int32_t hp_launch_add_rows_f16(uint16_t *x, const uint16_t *y, int32_t rows, int32_t dim,
+                               int32_t y_rows, void *stream);
+
+/** Activation kinds of hp_launch_activation_f16. */
+typedef enum hp_activation {
+    /** x * sigmoid(x). */
+    HP_ACTIVATION_SILU = 0,
+    /** 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). */
+    HP_ACTIVATION_GELU_TANH = 1,
+} hp_activation;
+
+/** y[i] = act(x[i]) for i < n; x and y may be the same buffer. */
+int32_t hp_launch_activation_f16(const uint16_t *x, uint16_t *y, int64_t n, int32_t activation,
+                                 void *stream);
+
+/**
+ * Strided 2-D copy: dst[r * dst_stride + c] = src[r * src_stride + c] for r < rows,
+ * c < cols (joins and splits the joint image + context sequence without host trips).
+ */
+int32_t hp_launch_copy_2d_f16(uint16_t *dst, int64_t dst_stride, const uint16_t *src,
+                              int64_t src_stride, int64_t rows, int32_t cols, void *stream);
+
+/**
+ * Multi-head attention, flash-style: out = softmax(q k^T * scale) v per batch entry and
+ * head, online softmax with f32 running max / sum and f32 accumulation, never
+ * materialising the score matrix. q, k, v, out are [batch, seq, row_stride] with head h
+ * in columns h * head_dim .. (h + 1) * head_dim; row_stride >= heads * head_dim and a
+ * multiple of 8; buffers 16-byte aligned. head_dim in {8, 16, 32, 64, 128}.
+ */
+int32_t hp_launch_attention_f16(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                uint16_t *out, int32_t batch, int32_t seq, int32_t heads,
+                                int32_t head_dim, int32_t row_stride, float scale, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

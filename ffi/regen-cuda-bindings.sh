@@ -26,7 +26,7 @@ tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 bindgen cuda/launch.h \
     --allowlist-function 'hp_launch_.*|hp_q4_.*' \
-    --allowlist-type 'hp_launch_.*|hp_q4_.*' \
+    --allowlist-type 'hp_launch_.*|hp_q4_.*|hp_activation' \
     --allowlist-var 'HP_.*' \
     --no-doc-comments \
     --no-layout-tests \

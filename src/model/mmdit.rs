@@ -134,8 +134,10 @@ impl<B: Backend> Mmdit<B> {
         Ok(model)
     }
 
-    /// [`Mmdit::load_with`] on the backend `B` opened on `device`. For the CPU model
-    /// (`let m: Mmdit = Mmdit::load_on(path, device)?`) a CUDA device gives
+    /// [`Mmdit::load_with`] on the backend `B` opened on `device`: `Mmdit::<CpuBackend>`
+    /// on [`Device::Cpu`], `Mmdit::<CudaBackend>` on [`Device::Cuda`] (feature `cuda`;
+    /// `crate::backend::cuda::CudaBackend`). Asking a backend for a device it does not
+    /// run on is an error; for the CPU model a CUDA device gives
     /// [`Error::NoCudaDevice`] in a build without the `cuda` feature.
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<Mmdit<B>> {
         Mmdit::load_with(path, B::open(device)?)

@@ -6,10 +6,16 @@ use std::path::PathBuf;
 use hiprune::model::Tensor;
 
 /// A file or folder under `tests/fixtures/mmdit`.
+/// Relative to the working directory when the source tree the test was built in is
+/// gone (a test executable copied to another machine and run from the repository root).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mmdit")
-        .join(name)
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mmdit");
+    let root = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures/mmdit")
+    };
+    root.join(name)
 }
 
 /// max|a - b| / max|b|, for tensors of the same shape and a non-zero reference.
@@ -23,4 +29,40 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     assert!(max_ref > 0.0);
     max_err / max_ref
+}
+
+/// A fresh seed per run, printed so a failure can be replayed with HIPRUNE_TEST_SEED.
+pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("HIPRUNE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    println!("{test}: seed {seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// The CUDA backend on device 0, or `None` after printing why the test is skipped
+/// (no device, or no cuBLAS, which the engine's dense layers need). Panics instead when
+/// `HIPRUNE_REQUIRE_GPU=1` (set by the GPU check script), so a skip fails there.
+#[cfg(feature = "cuda")]
+pub fn gpu() -> Option<hiprune::backend::cuda::CudaBackend> {
+    let skip = |why: String| {
+        if std::env::var("HIPRUNE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("HIPRUNE_REQUIRE_GPU=1 but {why}");
+        }
+        println!("skipped: {why}");
+        None
+    };
+    match hiprune::backend::cuda::CudaBackend::new(0) {
+        Ok(_) if !hiprune::backend::cuda::cublas_present() => {
+            skip("cuBLAS (libcublas.so) cannot be loaded".into())
+        }
+        Ok(b) => Some(b),
+        Err(e) => skip(format!("no CUDA device: {e}")),
+    }
 }

@@ -160,7 +160,7 @@ impl Backend for CpuBackend {
                 device.ensure_compiled()?;
                 Err(Error::Unsupported {
                     what: format!(
-                        "running the MMDiT engine on cuda:{n}: the CUDA backend does not implement the engine's backend interface yet"
+                        "the CPU backend on cuda:{n}: run the model on `backend::cuda::CudaBackend` (`Mmdit::<CudaBackend>::load_on`)"
                     ),
                 })
             }

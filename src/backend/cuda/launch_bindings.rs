@@ -108,3 +108,89 @@ unsafe extern "C" {
         stream: *mut ::std::os::raw::c_void,
     ) -> i32;
 }
+unsafe extern "C" {
+    pub fn hp_launch_layer_norm_modulate_f16(
+        x: *const u16,
+        shift: *const u16,
+        scale: *const u16,
+        y: *mut u16,
+        rows: i32,
+        dim: i32,
+        rows_per_batch: i32,
+        mod_stride: i32,
+        eps: f32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_rms_norm_heads_f16(
+        x: *mut u16,
+        weight: *const u16,
+        rows: i32,
+        heads: i32,
+        head_dim: i32,
+        row_stride: i32,
+        eps: f32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_gated_residual_f16(
+        x: *mut u16,
+        gate: *const u16,
+        y: *const u16,
+        rows: i32,
+        dim: i32,
+        rows_per_batch: i32,
+        mod_stride: i32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_add_rows_f16(
+        x: *mut u16,
+        y: *const u16,
+        rows: i32,
+        dim: i32,
+        y_rows: i32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+pub const hp_activation_HP_ACTIVATION_SILU: hp_activation = 0;
+pub const hp_activation_HP_ACTIVATION_GELU_TANH: hp_activation = 1;
+pub type hp_activation = ::std::os::raw::c_uint;
+unsafe extern "C" {
+    pub fn hp_launch_activation_f16(
+        x: *const u16,
+        y: *mut u16,
+        n: i64,
+        activation: i32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_copy_2d_f16(
+        dst: *mut u16,
+        dst_stride: i64,
+        src: *const u16,
+        src_stride: i64,
+        rows: i64,
+        cols: i32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_attention_f16(
+        q: *const u16,
+        k: *const u16,
+        v: *const u16,
+        out: *mut u16,
+        batch: i32,
+        seq: i32,
+        heads: i32,
+        head_dim: i32,
+        row_stride: i32,
+        scale: f32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}

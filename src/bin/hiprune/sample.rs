@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use hiprune::backend::Backend;
 use hiprune::model::sampler::{Conditioning, SampleOptions, initial_latent, sample};
-use hiprune::model::{TensorFile, write_tensors};
+use hiprune::model::{Mmdit, TensorFile, write_tensors};
 use hiprune::{Error, Result};
 
 use crate::forward::{ModelArgs, report_written};
@@ -48,7 +49,11 @@ pub struct SampleArgs {
 
 /// Runs `hiprune sample`.
 pub fn run(args: &SampleArgs) -> Result<()> {
-    let model = args.model.load()?;
+    crate::forward::with_model!(&args.model, |model| sample_on(args, &model))
+}
+
+/// `hiprune sample` on a loaded model.
+fn sample_on<B: Backend>(args: &SampleArgs, model: &Mmdit<B>) -> Result<()> {
     let inputs = TensorFile::open(&args.inputs)?;
     let ehs = inputs.get("encoder_hidden_states")?;
     let guided = args.guidance.is_some_and(|g| g > 1.0);
@@ -90,7 +95,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
         guidance: args.guidance,
     };
     let start = Instant::now();
-    let out = sample(&model, latent, &cond, &opts, |i, n, sigma| {
+    let out = sample(model, latent, &cond, &opts, |i, n, sigma| {
         eprintln!(
             "step {}/{} sigma {sigma:.6} ({:.2} s)",
             i + 1,
