@@ -307,10 +307,11 @@ struct Target {
 /// Runs `hiprune bench model`.
 pub fn run(args: &ModelArgs) -> Result<()> {
     check_backend(args.backend)?;
+    #[cfg(feature = "cuda")]
     if let BackendChoice::Cuda = args.backend {
-        // Before generating or compressing anything: fail fast where the model cannot
-        // run on the GPU in this build.
-        cuda_model_check()?;
+        // Before generating or compressing anything: fail fast without a usable device.
+        // The handle is dropped at once; each child opens its own.
+        hiprune::backend::cuda::CudaDevice::new(0)?;
     }
     if args.steps == 0 {
         return Err(Error::invalid("--steps", "must be at least 1"));
@@ -515,29 +516,6 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether `bench model --backend cuda` can run the model in this build (see the CUDA
-/// MODEL HOOK in [`measure_model_cuda`]).
-const CUDA_MODEL_BENCH: bool = false;
-
-/// The error of `bench model --backend cuda` in a build whose CUDA backend cannot run
-/// the model yet.
-fn cuda_model_missing() -> Error {
-    Error::Unsupported {
-        what: "bench model --backend cuda: the model does not run on CUDA in this build yet \
-               (the CUDA kernels do: `hiprune bench kernels --backend cuda`)"
-            .to_string(),
-    }
-}
-
-/// `Ok` where `bench model --backend cuda` can run.
-fn cuda_model_check() -> Result<()> {
-    if CUDA_MODEL_BENCH {
-        Ok(())
-    } else {
-        Err(cuda_model_missing())
-    }
-}
-
 /// Device memory readings around one model run (GPU backends); the CPU has none.
 trait MemoryProbe {
     /// Called right before the model is loaded.
@@ -629,18 +607,12 @@ impl MemoryProbe for CudaMemoryProbe {
 /// Measures one model on CUDA device 0 (the child of `bench model --backend cuda`).
 #[cfg(feature = "cuda")]
 fn measure_model_cuda(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
-    cuda_model_check()?;
     let device = hiprune::backend::cuda::CudaDevice::new(0)?;
     let mut probe = CudaMemoryProbe::new(&device)?;
-    // CUDA MODEL HOOK: the one missing piece is a CUDA `Backend` built on `device` (the
-    // same handle the probe reads, so its memory ledger counts the model). Once
-    // `hiprune::backend::cuda::CudaBackend` exists, set CUDA_MODEL_BENCH to true and
-    // replace the two lines below with, for example:
-    //
-    //     let backend = CudaBackend::with_device(device.clone())?;
-    //     measure_model(args, threads, |p| Mmdit::load_with(p, backend), &mut probe)
-    let _ = (args, &mut probe, threads);
-    Err(cuda_model_missing())
+    // The backend allocates through the probe's device handle, so the probe's ledger
+    // counts the model's weights and scratch.
+    let backend = hiprune::backend::cuda::CudaBackend::from_device(device);
+    measure_model(args, threads, |p| Mmdit::load_with(p, backend), &mut probe)
 }
 
 /// Compresses `source` into `dir/model.hpk`; returns the path and the seconds taken.
