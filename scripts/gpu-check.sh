@@ -8,9 +8,9 @@
 #      device fails instead of skipping)
 #   3. hiprune bench kernels --backend cuda: INT4/NF4 against cuBLAS f16 on every
 #      SD3.5-Large linear shape at M = 1, 8, 4096 (CSV kept in the logs)
-#   4. hiprune bench model --backend cuda: a tiny probe first, then the SD3.5-Large-shaped model at 1024x1024 with the paper's
-#      cut (blocks 25-28 and 31-34 removed), INT4 against the dense f16 original in one
-#      run (seeded weights generated on the spot, in HIPRUNE_BENCH_TMP)
+#   4. hiprune bench model --backend cuda: a tiny probe first, then the
+#      SD3.5-Large-shaped model at 1024x1024 with the paper's cut (blocks 25-28 and
+#      31-34 removed), INT4 against the dense f16 original in one run (seeded weights generated on the spot, in HIPRUNE_BENCH_TMP)
 #   5. a summary: steps, then the kernel table (shape, M, time, GB/s, TFLOP/s, ratio
 #      to cuBLAS), last
 #
