@@ -166,14 +166,18 @@ pub fn sincos_2d_crop(
     // crop they overlap), so the half-table rows are computed once each.
     let first = top.min(left);
     let last = (top + height).max(left + width);
-    let half = half_rows(grid, base_size, dim, first, last - first);
-    let round = |v: f64| {
-        let mut x = v as f32;
-        for &d in chain {
-            x = round_value(x, d).unwrap_or(x);
-        }
-        x
-    };
+    // Rounded once per position rather than once per output element: an element's
+    // value is its half-table value rounded, whichever crop row it lands in.
+    let half: Vec<f32> = half_rows(grid, base_size, dim, first, last - first)
+        .into_iter()
+        .map(|v| {
+            let mut x = v as f32;
+            for &d in chain {
+                x = round_value(x, d).unwrap_or(x);
+            }
+            x
+        })
+        .collect();
     let mut out = vec![0.0f32; height * width * dim];
     if width == 0 {
         return Ok(out);
@@ -183,12 +187,8 @@ pub fn sincos_2d_crop(
         .for_each(|(idx, row)| {
             let (r, c) = (top + idx / width - first, left + idx % width - first);
             let (cols, rows) = row.split_at_mut(hw);
-            for (o, &v) in cols.iter_mut().zip(&half[c * hw..(c + 1) * hw]) {
-                *o = round(v);
-            }
-            for (o, &v) in rows.iter_mut().zip(&half[r * hw..(r + 1) * hw]) {
-                *o = round(v);
-            }
+            cols.copy_from_slice(&half[c * hw..(c + 1) * hw]);
+            rows.copy_from_slice(&half[r * hw..(r + 1) * hw]);
         });
     Ok(out)
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -566,14 +567,8 @@ impl PosTable<'_> {
                         let range = start..start + width * dim;
                         match data {
                             DenseData::F32(d) => dst.copy_from_slice(&d[range]),
-                            DenseData::F16(d) => dst
-                                .iter_mut()
-                                .zip(&d[range])
-                                .for_each(|(o, v)| *o = v.to_f32()),
-                            DenseData::Bf16(d) => dst
-                                .iter_mut()
-                                .zip(&d[range])
-                                .for_each(|(o, v)| *o = v.to_f32()),
+                            DenseData::F16(d) => d[range].convert_to_f32_slice(dst),
+                            DenseData::Bf16(d) => d[range].convert_to_f32_slice(dst),
                         }
                     });
                 Ok(out)
