@@ -34,6 +34,7 @@ use crate::compress::quantize::{CompressOptions, WeightFormat};
 use crate::compress::report::SensitivityReport;
 use crate::error::{Error, Result};
 use crate::model::layout::{Required, required_tensors};
+use crate::model::weights::POS_TABLE;
 use crate::model::{MmditConfig, PruneSpec};
 
 /// What the plan must reach.
@@ -78,10 +79,17 @@ pub struct PlanOptions {
     pub weights: WeightFormat,
     /// Group size assumed by the size estimates.
     pub group: usize,
+    /// Whether the package will compute the positional table instead of storing it
+    /// (see [`pos_table_is_sincos`](crate::compress::quantize::pos_table_is_sincos)):
+    /// the estimates then count it as 0 bytes. `false` counts it as stored, which
+    /// overestimates a package that computes it by the table's size (about 170 MiB in
+    /// f16 for SD3.5 Large, 430 MiB for SD3.5 Medium).
+    pub pos_table_computed: bool,
 }
 
 impl Default for PlanOptions {
-    /// No target, no protection, prior weight 0.3, INT4 g64.
+    /// No target, no protection, prior weight 0.3, INT4 g64, the positional table
+    /// counted as stored.
     fn default() -> Self {
         PlanOptions {
             target: PlanTarget::None,
@@ -90,6 +98,7 @@ impl Default for PlanOptions {
             position_weight: 0.3,
             weights: WeightFormat::Int4,
             group: 64,
+            pos_table_computed: false,
         }
     }
 }
@@ -147,13 +156,29 @@ fn preset_blocks(name: &str, cfg: &MmditConfig) -> Result<BTreeSet<usize>> {
     Ok(blocks.into_iter().collect())
 }
 
-/// Estimated package bytes of `cfg` under `spec`.
+/// Estimated package bytes of `cfg` under `spec`, the positional table counted as
+/// stored (see [`estimate_package_bytes`]).
 pub fn estimate_bytes(
     cfg: &MmditConfig,
     spec: &PruneSpec,
     weights: WeightFormat,
     group: usize,
     dense_blocks: &BTreeSet<usize>,
+) -> u64 {
+    estimate_package_bytes(cfg, spec, weights, group, dense_blocks, false)
+}
+
+/// Estimated package bytes of `cfg` under `spec`: the Linear weights in `weights`
+/// (f16 for `dense_blocks` and where `group` does not divide K), f32 biases, the other
+/// tensors in f16 (f32 for [`WeightFormat::F32`]), and the positional table as 0 bytes
+/// when `pos_table_computed` (the package computes it at load).
+pub fn estimate_package_bytes(
+    cfg: &MmditConfig,
+    spec: &PruneSpec,
+    weights: WeightFormat,
+    group: usize,
+    dense_blocks: &BTreeSet<usize>,
+    pos_table_computed: bool,
 ) -> u64 {
     let plain_elem = if weights == WeightFormat::F32 { 4 } else { 2 };
     required_tensors(cfg, spec)
@@ -172,6 +197,7 @@ pub fn estimate_bytes(
                 };
                 fmt.linear_bytes(*n, *k, group) + 4 * *n as u64
             }
+            Required::Plain { name, .. } if pos_table_computed && name == POS_TABLE => 0,
             Required::Plain { shape, .. } => plain_elem * shape.iter().product::<usize>() as u64,
         })
         .sum()
@@ -249,7 +275,14 @@ pub fn make_plan(
             .next()
             .map_or(protect_floor, |&f| f.max(protect_floor));
         let dense = dense_blocks_for(l, removed, boundary, opts.protect_precision);
-        estimate_bytes(cfg, &spec, opts.weights, opts.group, &dense)
+        estimate_package_bytes(
+            cfg,
+            &spec,
+            opts.weights,
+            opts.group,
+            &dense,
+            opts.pos_table_computed,
+        )
     };
 
     let explicit = |set: BTreeSet<usize>| -> Result<BTreeSet<usize>> {
@@ -351,7 +384,14 @@ pub fn make_plan(
     }
     let dense = dense_blocks_for(l, &removed, protect_until, opts.protect_precision);
     let spec = PruneSpec::remove_blocks(removed.iter().copied());
-    let estimated_bytes = estimate_bytes(cfg, &spec, opts.weights, opts.group, &dense);
+    let estimated_bytes = estimate_package_bytes(
+        cfg,
+        &spec,
+        opts.weights,
+        opts.group,
+        &dense,
+        opts.pos_table_computed,
+    );
     let removed_blocks: Vec<usize> = removed.into_iter().collect();
     let how = match &opts.target {
         PlanTarget::None => "no pruning".to_string(),

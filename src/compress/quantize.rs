@@ -422,6 +422,47 @@ pub fn compress_checkpoint(
 /// Name of the positional table of the patch embedding.
 const POS_TABLE: &str = "pos_embed.pos_embed";
 
+/// Grid rows of the positional table compared per step by [`pos_table_is_sincos`].
+const POS_CHECK_ROWS: usize = 16;
+
+/// Whether [`compress_checkpoint`] will compute the positional table of `weights`
+/// (a checkpoint with config `cfg`) instead of storing it: whether the table equals
+/// diffusers' 2D sin-cos table rounded through F32, F16 or BF16, bit for bit, the
+/// same test the compressor makes. For size estimates
+/// ([`PlanOptions::pos_table_computed`](crate::compress::PlanOptions)). The table is
+/// compared a strip of grid rows at a time in its stored dtype, so only a strip is
+/// held in f32. `false` (not an error) for a config the sin-cos table does not fit;
+/// errors: a missing table or one of the wrong shape or dtype.
+pub fn pos_table_is_sincos(weights: &Weights, cfg: &MmditConfig) -> Result<bool> {
+    let grid = cfg.pos_embed_max_size;
+    let dim = cfg.hidden_size();
+    let base_size = cfg.sample_size / cfg.patch_size.max(1);
+    let table = weights.pos_table(POS_TABLE, grid, dim)?;
+    if base_size == 0
+        || !dim.is_multiple_of(4)
+        || u32::try_from(grid).is_err()
+        || u32::try_from(base_size).is_err()
+    {
+        return Ok(false);
+    }
+    let mut candidates = vec![Dtype::F32, Dtype::F16, Dtype::Bf16];
+    let mut top = 0;
+    while top < grid && !candidates.is_empty() {
+        let rows = POS_CHECK_ROWS.min(grid - top);
+        let stored = table.crop(top, 0, rows, grid)?;
+        let sincos =
+            crate::model::pos_embed::sincos_2d_crop(grid, base_size, dim, &[], top, 0, rows, grid)?;
+        candidates.retain(|&source| {
+            sincos
+                .par_iter()
+                .zip(stored.par_iter())
+                .all(|(&t, &d)| round_value(t, source).is_some_and(|v| v.to_bits() == d.to_bits()))
+        });
+        top += rows;
+    }
+    Ok(!candidates.is_empty())
+}
+
 /// The manifest entry that replaces the positional table `data` (`[1, m * m, D]` as
 /// f32) when it equals diffusers' sin-cos table rounded through some float dtype;
 /// `stored` is the dtype the package would store it in. `None` when it differs in any

@@ -63,11 +63,9 @@ fn weight_bytes(model: &Mmdit) -> crate::Result<WeightBytes> {
             }
         }
     }
-    out.other += model
-        .small
-        .values()
-        .map(|v| 4 * v.len() as u64)
-        .sum::<u64>();
+    // The f32 copies of the small tensors and the positional table as held (0 bytes
+    // when the package computes it).
+    out.other += model.host_tensor_bytes()?;
     Ok(out)
 }
 

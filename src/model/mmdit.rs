@@ -26,7 +26,7 @@ use crate::model::config::MmditConfig;
 use crate::model::layout::{Required, required_tensors};
 use crate::model::prune::PruneSpec;
 use crate::model::tensor::Tensor;
-use crate::model::weights::Weights;
+use crate::model::weights::{POS_TABLE, Weights};
 
 /// LayerNorm and RMS-norm epsilon of every norm in the model.
 pub const NORM_EPS: f32 = 1e-6;
@@ -64,8 +64,9 @@ pub struct Mmdit<B: Backend = CpuBackend> {
     pub(crate) config: MmditConfig,
     pub(crate) weights: Arc<Weights>,
     pub(crate) spec: PruneSpec,
-    /// f32 host copies of the patch convolution, the positional table and the qk-norm
-    /// weights.
+    /// f32 host copies of the patch convolution and the qk-norm weights. The
+    /// positional table is not copied: each forward reads the crop it needs from
+    /// [`Weights::pos_table`].
     pub(crate) small: HashMap<String, Vec<f32>>,
     backend: B,
     /// The linear layers `spec` needs, with their biases, uploaded to the backend.
@@ -199,6 +200,15 @@ impl<B: Backend> Mmdit<B> {
                         .backend
                         .upload_linear(&source, &name, n, k, Some(&bias))?;
                     fresh.insert(name, layer);
+                }
+                Required::Plain { name, .. } if name == POS_TABLE => {
+                    // Checked here (shape, dtype, a computed table's parameters); held
+                    // as it is stored, never copied whole.
+                    self.weights.pos_table(
+                        POS_TABLE,
+                        self.config.pos_embed_max_size,
+                        self.config.hidden_size(),
+                    )?;
                 }
                 Required::Plain { name, shape } => {
                     let data = self.weights.f32_tensor(&name, &shape)?;
@@ -349,19 +359,37 @@ impl<B: Backend> Mmdit<B> {
             Some(self.small("pos_embed.proj.bias")?),
             &mut x,
         )?;
-        let table = self.small("pos_embed.pos_embed")?;
-        let msize = cfg.pos_embed_max_size;
-        let (top, left) = ((msize - gh) / 2, (msize - gw) / 2);
+        let crop = self.pos_crop(gh, gw)?;
         for b in 0..dims.batch {
-            for gy in 0..gh {
-                for gx in 0..gw {
-                    let t = &table[((top + gy) * msize + left + gx) * d..][..d];
-                    let r = &mut x[((b * gh + gy) * gw + gx) * d..][..d];
-                    ops::add_assign(r, t)?;
-                }
+            for (i, t) in crop.chunks_exact(d).enumerate() {
+                ops::add_assign(&mut x[(b * gh * gw + i) * d..][..d], t)?;
             }
         }
         Ok(x)
+    }
+
+    /// The centre `gh x gw` crop of the positional table as f32 `[gh * gw, D]`, read
+    /// from the table as held (converted from its stored dtype, or computed).
+    pub(crate) fn pos_crop(&self, gh: usize, gw: usize) -> Result<Vec<f32>> {
+        let msize = self.config.pos_embed_max_size;
+        let table = self
+            .weights
+            .pos_table(POS_TABLE, msize, self.config.hidden_size())?;
+        let (top, left) = (msize.saturating_sub(gh) / 2, msize.saturating_sub(gw) / 2);
+        table.crop(top, left, gh, gw)
+    }
+
+    /// Bytes of the host-side tensors the model holds besides the linear layers: the
+    /// f32 copies of the patch convolution and qk-norm weights, plus the positional
+    /// table as held (its stored bytes; 0 when it is computed).
+    pub fn host_tensor_bytes(&self) -> Result<u64> {
+        let copies: u64 = self.small.values().map(|v| 4 * v.len() as u64).sum();
+        let table = self.weights.pos_table(
+            POS_TABLE,
+            self.config.pos_embed_max_size,
+            self.config.hidden_size(),
+        )?;
+        Ok(copies + table.held_bytes())
     }
 
     /// `temb [B, D]` = timestep MLP of the sinusoidal embedding + pooled-text MLP.

@@ -41,6 +41,12 @@ fn check_dims(grid: usize, base_size: usize, dim: usize) -> Result<usize> {
 /// The 1D half-table `[grid, D/2]`: `[sin(p_i omega) | cos(p_i omega)]` per position,
 /// in f64.
 fn half_table(grid: usize, base_size: usize, dim: usize) -> Vec<f64> {
+    half_rows(grid, base_size, dim, 0, grid)
+}
+
+/// Rows `first..first + count` of the 1D half-table (`[count, D/2]`, f64); each row
+/// depends only on its own position, so these are exactly the full half-table's rows.
+fn half_rows(grid: usize, base_size: usize, dim: usize, first: usize, count: usize) -> Vec<f64> {
     let quarter = dim / 4;
     // Python computes `grid / base_size` in f64; torch divides the f32 positions by it
     // in f32. (Rounding the f64 quotient instead gives the same f32: double rounding of
@@ -49,9 +55,9 @@ fn half_table(grid: usize, base_size: usize, dim: usize) -> Vec<f64> {
     let omega: Vec<f64> = (0..quarter)
         .map(|j| 1.0 / 10000f64.powf(j as f64 / quarter as f64))
         .collect();
-    let mut out = vec![0.0f64; grid * 2 * quarter];
+    let mut out = vec![0.0f64; count * 2 * quarter];
     for (i, row) in out.chunks_exact_mut(2 * quarter).enumerate() {
-        let p = f64::from(i as f32 / div);
+        let p = f64::from((first + i) as f32 / div);
         let (sin, cos) = row.split_at_mut(quarter);
         for ((s, c), &om) in sin.iter_mut().zip(cos.iter_mut()).zip(&omega) {
             let a = p * om;
@@ -120,4 +126,69 @@ pub fn sincos_2d_table(
         round_through(&mut t, d)?;
     }
     Ok(t)
+}
+
+/// Rows of a centre (or any) crop of the table, as a model uses it: grid rows
+/// `top..top + height` by grid columns `left..left + width`, in row-major order
+/// (`[height * width, dim]`), rounded like [`sincos_2d_table`] through `chain`.
+/// Bit-identical to the corresponding rows of the full table, at the cost of the crop
+/// alone. Errors: the sizes [`sincos_2d_table`] rejects, a crop outside the grid, a
+/// U8 dtype in `chain`.
+#[allow(clippy::too_many_arguments)]
+pub fn sincos_2d_crop(
+    grid: usize,
+    base_size: usize,
+    dim: usize,
+    chain: &[Dtype],
+    top: usize,
+    left: usize,
+    height: usize,
+    width: usize,
+) -> Result<Vec<f32>> {
+    check_dims(grid, base_size, dim)?;
+    let inside = |start: usize, len: usize| start.checked_add(len).is_some_and(|e| e <= grid);
+    if !inside(top, height) || !inside(left, width) {
+        return Err(Error::invalid(
+            "sin-cos table",
+            format!(
+                "crop of {height} x {width} at ({top}, {left}) is outside the {grid} x {grid} grid"
+            ),
+        ));
+    }
+    if chain.iter().any(|&d| round_value(0.0, d).is_none()) {
+        return Err(Error::invalid(
+            "sin-cos table",
+            "dtype U8 is not a float type",
+        ));
+    }
+    let hw = dim / 2;
+    // One span of positions covers both the crop's rows and its columns (for a centre
+    // crop they overlap), so the half-table rows are computed once each.
+    let first = top.min(left);
+    let last = (top + height).max(left + width);
+    // Rounded once per position rather than once per output element: an element's
+    // value is its half-table value rounded, whichever crop row it lands in.
+    let half: Vec<f32> = half_rows(grid, base_size, dim, first, last - first)
+        .into_iter()
+        .map(|v| {
+            let mut x = v as f32;
+            for &d in chain {
+                x = round_value(x, d).unwrap_or(x);
+            }
+            x
+        })
+        .collect();
+    let mut out = vec![0.0f32; height * width * dim];
+    if width == 0 {
+        return Ok(out);
+    }
+    out.par_chunks_exact_mut(dim)
+        .enumerate()
+        .for_each(|(idx, row)| {
+            let (r, c) = (top + idx / width - first, left + idx % width - first);
+            let (cols, rows) = row.split_at_mut(hw);
+            cols.copy_from_slice(&half[c * hw..(c + 1) * hw]);
+            rows.copy_from_slice(&half[r * hw..(r + 1) * hw]);
+        });
+    Ok(out)
 }

@@ -4,16 +4,20 @@
 //!
 //! Linear layers are handed out as [`LinearWeights`] views without copying: dense
 //! views straight into the memory map (a tensor whose bytes are not aligned for its
-//! element type is copied once at load), or the package's 4-bit layers. Other tensors
-//! (biases, the patch convolution, the positional table, qk-norm weights) are read as
-//! f32 copies.
+//! element type is copied once at load), or the package's 4-bit layers. The positional
+//! table is handed out the same way as a [`PosTable`] (a view in its stored dtype, or
+//! only the parameters of a computed table), from which a forward converts or computes
+//! just the crop it needs. Other tensors (biases, the patch convolution, qk-norm
+//! weights) are read as f32 copies.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::backend::LinearSource;
@@ -22,6 +26,9 @@ use crate::error::{Error, Result};
 use crate::format::{Dtype, Package, Precision};
 use crate::model::tensor::{Tensor, floats_to_f32};
 use crate::quant::Q4Matrix;
+
+/// Name of the positional table of the patch embedding, `[1, grid * grid, D]`.
+pub const POS_TABLE: &str = "pos_embed.pos_embed";
 
 /// Name of a single-file diffusers checkpoint.
 pub const SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
@@ -369,6 +376,204 @@ impl Weights {
             });
         }
         Ok(data)
+    }
+}
+
+impl Weights {
+    /// The positional table `name` (`[1, grid * grid, dim]`) as held, without copying
+    /// it: a view of its stored elements (from the memory map, the package, or
+    /// memory), or the parameters of a table the package declares computed. Errors: a
+    /// missing tensor, a shape other than `[1, grid * grid, dim]` (checked before
+    /// anything is computed), a 4-bit or non-float tensor.
+    pub fn pos_table(&self, name: &str, grid: usize, dim: usize) -> Result<PosTable<'_>> {
+        let expected = vec![1, grid.saturating_mul(grid), dim];
+        let mismatch = |found: Vec<usize>| Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: expected.clone(),
+            found,
+        };
+        let (data, found) = match self.entry(name)? {
+            Entry::Mapped {
+                file,
+                start,
+                end,
+                dtype,
+                shape,
+            } => (
+                dense_from_bytes(name, *dtype, self.mapped_bytes(*file, *start, *end))?,
+                shape.clone(),
+            ),
+            Entry::F32(t) => (DenseData::F32(&t.data), t.shape.clone()),
+            Entry::Q4(_) => return Err(float_dtype_error(name, "4-bit")),
+            Entry::Computed(prec, width) => {
+                let Precision::Sincos2d {
+                    grid: g,
+                    base_size,
+                    source,
+                    dtype,
+                } = *prec
+                else {
+                    return Err(Error::MissingTensor {
+                        tensor: name.to_string(),
+                    });
+                };
+                let g = g as usize;
+                let width = usize::try_from(*width).unwrap_or(usize::MAX);
+                let found = vec![1, g.saturating_mul(g), width];
+                if found != expected || g != grid {
+                    return Err(mismatch(found));
+                }
+                // Validates the sizes (and that the chain holds float dtypes only) with
+                // an empty crop, so a bad manifest fails at load, not in a forward.
+                let chain = [source, dtype];
+                super::pos_embed::sincos_2d_crop(
+                    grid,
+                    base_size as usize,
+                    dim,
+                    &chain,
+                    0,
+                    0,
+                    0,
+                    0,
+                )?;
+                return Ok(PosTable::Sincos2d {
+                    grid,
+                    base_size: base_size as usize,
+                    dim,
+                    chain,
+                });
+            }
+            Entry::Packaged => {
+                let p = self.package().ok_or_else(|| Error::MissingTensor {
+                    tensor: name.to_string(),
+                })?;
+                let view = p.tensor(name)?;
+                let data = match view.dtype() {
+                    Dtype::F32 => DenseData::F32(view.f32_slice()?),
+                    Dtype::F16 => DenseData::F16(view.f16_slice()?),
+                    Dtype::Bf16 => DenseData::Bf16(view.bf16_slice()?),
+                    Dtype::U8 => return Err(float_dtype_error(name, "U8")),
+                };
+                (data, view.shape().to_vec())
+            }
+        };
+        if found != expected {
+            return Err(mismatch(found));
+        }
+        let len = match data {
+            DenseData::F32(d) => d.len(),
+            DenseData::F16(d) => d.len(),
+            DenseData::Bf16(d) => d.len(),
+        };
+        if grid.checked_mul(grid).and_then(|g2| g2.checked_mul(dim)) != Some(len) {
+            return Err(Error::length(
+                format!("tensor `{name}`"),
+                grid.saturating_mul(grid).saturating_mul(dim),
+                len,
+            ));
+        }
+        Ok(PosTable::Stored { data, grid, dim })
+    }
+}
+
+/// The positional table of the patch embedding as [`Weights`] hold it
+/// ([`Weights::pos_table`]): a forward reads only the crop of the grid it needs.
+#[derive(Debug, Clone, Copy)]
+pub enum PosTable<'a> {
+    /// Stored elements `[grid * grid, dim]` in their dtype, not copied.
+    Stored {
+        /// The elements, row `r * grid + c` for grid cell (r, c).
+        data: DenseData<'a>,
+        /// Side of the square grid.
+        grid: usize,
+        /// Width of a row.
+        dim: usize,
+    },
+    /// diffusers' 2D sin-cos table, computed on demand
+    /// ([`sincos_2d_crop`](super::pos_embed::sincos_2d_crop)); nothing is held.
+    Sincos2d {
+        /// Side of the square grid.
+        grid: usize,
+        /// diffusers' `base_size`.
+        base_size: usize,
+        /// Width of a row.
+        dim: usize,
+        /// The dtypes the f32 values are rounded through, in order.
+        chain: [Dtype; 2],
+    },
+}
+
+impl PosTable<'_> {
+    /// Side of the square grid.
+    pub fn grid(&self) -> usize {
+        match *self {
+            PosTable::Stored { grid, .. } | PosTable::Sincos2d { grid, .. } => grid,
+        }
+    }
+
+    /// Width of a row.
+    pub fn dim(&self) -> usize {
+        match *self {
+            PosTable::Stored { dim, .. } | PosTable::Sincos2d { dim, .. } => dim,
+        }
+    }
+
+    /// Bytes the table occupies as held: its stored elements, 0 for a computed table.
+    pub fn held_bytes(&self) -> u64 {
+        match self {
+            PosTable::Stored { data, .. } => match data {
+                DenseData::F32(d) => 4 * d.len() as u64,
+                DenseData::F16(d) => 2 * d.len() as u64,
+                DenseData::Bf16(d) => 2 * d.len() as u64,
+            },
+            PosTable::Sincos2d { .. } => 0,
+        }
+    }
+
+    /// Grid rows `top..top + height` by columns `left..left + width` as f32,
+    /// `[height * width, dim]` in row-major order: exactly the values of the
+    /// corresponding rows of the full table widened to f32. Errors: a crop outside the
+    /// grid.
+    pub fn crop(&self, top: usize, left: usize, height: usize, width: usize) -> Result<Vec<f32>> {
+        match *self {
+            PosTable::Sincos2d {
+                grid,
+                base_size,
+                dim,
+                chain,
+            } => super::pos_embed::sincos_2d_crop(
+                grid, base_size, dim, &chain, top, left, height, width,
+            ),
+            PosTable::Stored { data, grid, dim } => {
+                let inside =
+                    |start: usize, len: usize| start.checked_add(len).is_some_and(|e| e <= grid);
+                if !inside(top, height) || !inside(left, width) {
+                    return Err(Error::invalid(
+                        "positional table",
+                        format!(
+                            "crop of {height} x {width} at ({top}, {left}) is outside the \
+                             {grid} x {grid} grid"
+                        ),
+                    ));
+                }
+                let mut out = vec![0.0f32; height * width * dim];
+                if width == 0 || dim == 0 {
+                    return Ok(out);
+                }
+                out.par_chunks_exact_mut(width * dim)
+                    .enumerate()
+                    .for_each(|(r, dst)| {
+                        let start = ((top + r) * grid + left) * dim;
+                        let range = start..start + width * dim;
+                        match data {
+                            DenseData::F32(d) => dst.copy_from_slice(&d[range]),
+                            DenseData::F16(d) => d[range].convert_to_f32_slice(dst),
+                            DenseData::Bf16(d) => d[range].convert_to_f32_slice(dst),
+                        }
+                    });
+                Ok(out)
+            }
+        }
     }
 }
 

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use hiprune::compress::quantize::pos_table_is_sincos;
 use hiprune::compress::{
     AnalyzeOptions, CompressOptions, GenerateOptions, PlanOptions, PlanTarget, Preset,
     ProtectPrecision, SensitivityReport, WeightFormat, analyze_model, compress_checkpoint,
     generate_checkpoint, make_plan,
 };
-use hiprune::model::{Mmdit, MmditConfig, PruneSpec, TensorFile};
+use hiprune::model::{Mmdit, MmditConfig, PruneSpec, TensorFile, Weights};
 use hiprune::{Error, Result};
 
 use crate::report::human_bytes;
@@ -185,6 +186,9 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
         None => None,
     };
     let weights: WeightFormat = args.weights.into();
+    // The size estimates count the positional table only when the package will store
+    // it (one read of the table, compared in strips).
+    let pos_table_computed = pos_table_is_sincos(&Weights::from_folder(&args.source)?, &config)?;
     let plan = make_plan(
         &config,
         report.as_ref(),
@@ -198,6 +202,7 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
             position_weight: args.plan.position_weight,
             weights,
             group: args.group,
+            pos_table_computed,
         },
     )?;
     eprintln!("plan: {}", plan.summary);
