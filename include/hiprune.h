@@ -216,8 +216,8 @@ typedef struct hp_model_info {
     /* 4-bit layers: packed weights plus f16 scales (and offsets for INT4). */
     uint64_t bytes_int4;
     uint64_t bytes_nf4;
-    /* Everything else held as f32: biases, patch convolution, positional table,
-     * qk-norm weights. */
+    /* Everything else: biases, patch convolution and qk-norm weights (held as f32),
+     * and the positional table as held (its stored bytes; 0 when it is computed). */
     uint64_t bytes_other;
     /* Sum of the six above. */
     uint64_t bytes_total;

@@ -899,11 +899,13 @@ fn weight_bytes<B: Backend>(model: &Mmdit<B>) -> Result<(u64, u64, BTreeMap<Stri
                 *formats.entry(format).or_insert(0) += 1;
                 other += 4 * n as u64;
             }
-            Required::Plain { shape, .. } => {
-                other += 4 * shape.iter().product::<usize>() as u64;
-            }
+            // Counted below as the model holds them.
+            Required::Plain { .. } => {}
         }
     }
+    // The patch convolution and qk-norm weights (f32 copies) and the positional table
+    // as held: its stored bytes, or nothing when it is computed.
+    other += model.host_tensor_bytes()?;
     std::hint::black_box(sink);
     Ok((linear_bytes, other, formats))
 }
