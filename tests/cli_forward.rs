@@ -72,7 +72,10 @@ fn forward_errors_are_clear() {
     let stderr = String::from_utf8_lossy(&res.stderr);
     if cfg!(feature = "cuda") {
         // A CUDA build runs where a device exists and says why not elsewhere.
-        assert!(res.status.success() || stderr.contains("no CUDA device"), "{stderr}");
+        assert!(
+            res.status.success() || stderr.contains("no CUDA device"),
+            "{stderr}"
+        );
         let _ = std::fs::remove_file(&out);
     } else {
         assert!(!res.status.success());
