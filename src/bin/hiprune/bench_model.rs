@@ -304,6 +304,21 @@ struct Target {
     path: PathBuf,
 }
 
+/// Checks `--steps` and `--context-tokens` (the parent before generating anything, the
+/// child again because it can be run on its own).
+fn check_run_sizes(steps: usize, context_tokens: usize) -> Result<()> {
+    if steps == 0 {
+        return Err(Error::invalid("--steps", "must be at least 1"));
+    }
+    if context_tokens == 0 || context_tokens > MAX_CONTEXT_TOKENS {
+        return Err(Error::invalid(
+            "--context-tokens",
+            format!("{context_tokens} is outside 1..={MAX_CONTEXT_TOKENS}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `hiprune bench model`.
 pub fn run(args: &ModelArgs) -> Result<()> {
     check_backend(args.backend)?;
@@ -313,18 +328,7 @@ pub fn run(args: &ModelArgs) -> Result<()> {
         // The handle is dropped at once; each child opens its own.
         hiprune::backend::cuda::CudaDevice::new(0)?;
     }
-    if args.steps == 0 {
-        return Err(Error::invalid("--steps", "must be at least 1"));
-    }
-    if args.context_tokens == 0 || args.context_tokens > MAX_CONTEXT_TOKENS {
-        return Err(Error::invalid(
-            "--context-tokens",
-            format!(
-                "{} is outside 1..={MAX_CONTEXT_TOKENS}",
-                args.context_tokens
-            ),
-        ));
-    }
+    check_run_sizes(args.steps, args.context_tokens)?;
     if args.threads == Some(0) {
         return Err(Error::invalid("--threads", "must be at least 1"));
     }
@@ -959,18 +963,7 @@ fn measure_model<B: Backend>(
     load: impl FnOnce(&Path) -> Result<Mmdit<B>>,
     probe: &mut dyn MemoryProbe,
 ) -> Result<ModelRun> {
-    if args.steps == 0 {
-        return Err(Error::invalid("--steps", "must be at least 1"));
-    }
-    if args.context_tokens == 0 || args.context_tokens > MAX_CONTEXT_TOKENS {
-        return Err(Error::invalid(
-            "--context-tokens",
-            format!(
-                "{} is outside 1..={MAX_CONTEXT_TOKENS}",
-                args.context_tokens
-            ),
-        ));
-    }
+    check_run_sizes(args.steps, args.context_tokens)?;
     probe.before_load()?;
     let t = Instant::now();
     let model = load(&args.model)?;
