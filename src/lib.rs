@@ -9,8 +9,9 @@
 //! the runtime side of that idea plus the host-side toolchain that produces its
 //! packages:
 //!
-//! - [`quant`]: the 4-bit weight formats (INT4 with per-group scale and offset, NF4 with
-//!   per-block absmax), their quantisers and an `f64` reference used by the tests.
+//! - [`quant`]: the 4-bit weight formats (INT4 with a per-group scale, symmetric, or
+//!   with scale and offset; NF4 with per-block absmax), their quantisers and an `f64`
+//!   reference used by the tests.
 //! - [`format`](mod@format): the `.hpk` package, a safetensors file with a manifest, memory-mapped
 //!   and validated before any tensor is handed out, and written atomically.
 //! - [`backend`]: compute backends; the CPU backend runs fused dequant-GEMV/GEMM kernels
