@@ -5,6 +5,8 @@
 //! missing device fails the test instead.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use half::f16;
 use hiprune::backend::cuda::{
     CudaDenseLinear, CudaDevice, CudaQ4Linear, CudaTensorF16, GEMV_MAX_M, MemoryPurpose, Q4Kernel,
@@ -38,52 +40,9 @@ fn gpu() -> Option<CudaDevice> {
     }
 }
 
-/// A fresh seed per run, printed so a failure can be replayed with HIPRUNE_TEST_SEED.
-fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("HIPRUNE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    println!("{test}: seed {seed}");
-    StdRng::seed_from_u64(seed)
-}
-
 /// Every kind the CUDA backend runs.
 fn kinds() -> Vec<Q4Kind> {
     vec![Q4Kind::Int4, Q4Kind::Int4Sym, Q4Kind::Nf4]
-}
-
-/// A random 4-bit matrix of `kind`: every code equally likely, scales in a range that
-/// keeps outputs well inside f16, offsets around the symmetric `-8 * scale`.
-fn random_q4(rng: &mut StdRng, kind: Q4Kind, n: usize, k: usize, group: usize) -> Q4Matrix {
-    let groups = n * (k / group);
-    let packed: Vec<u8> = (0..n * k / 2)
-        .map(|_| rng.random_range(0..=255u8))
-        .collect();
-    let scales: Vec<f16> = (0..groups)
-        .map(|_| f16::from_f32(rng.random_range(0.002f32..0.03)))
-        .collect();
-    let offsets: Vec<f16> = if kind.has_offsets() {
-        scales
-            .iter()
-            .map(|s| f16::from_f32(-s.to_f32() * rng.random_range(5.0f32..11.0)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    Q4Matrix {
-        kind,
-        n,
-        k,
-        group,
-        packed,
-        scales,
-        offsets,
-    }
 }
 
 /// Random f16 values in `[-1, 1)`, returned as f16 and as the same values in f32.
@@ -168,7 +127,7 @@ fn run_q4_case(
         .filter(|&g| k.is_multiple_of(g))
         .collect();
     let group = groups[rng.random_range(0..groups.len())];
-    let w = random_q4(rng, kind, n, k, group);
+    let w = common::random_q4(rng, kind, n, k, group);
     let view = w.view().expect("valid matrix");
     let with_bias = rng.random_range(0..3) > 0;
     let bias: Option<Vec<f32>> =
@@ -208,7 +167,7 @@ fn run_q4_case(
 /// Edge shapes: N in {1, 7, 129}, K in {32, 96, 4160}, every M of the sweep.
 fn q4_edge_sweep(kind: Q4Kind) {
     let Some(dev) = gpu() else { return };
-    let mut rng = rng(&format!("q4_edge_sweep_{kind}"));
+    let mut rng = common::seeded_rng(&format!("q4_edge_sweep_{kind}"));
     let mut worst = 0.0f64;
     for n in [1, 7, 129] {
         for k in [32, 96, 4160] {
@@ -225,7 +184,7 @@ fn q4_edge_sweep(kind: Q4Kind) {
 /// (Large) and [9D, D] (MMDiT-X), each at a few M.
 fn q4_model_shapes(kind: Q4Kind) {
     let Some(dev) = gpu() else { return };
-    let mut rng = rng(&format!("q4_model_shapes_{kind}"));
+    let mut rng = common::seeded_rng(&format!("q4_model_shapes_{kind}"));
     let cases: &[(usize, usize, &[usize])] = &[
         (2432, 2432, &[1, 9, 4096]),
         (9728, 2432, &[2, 333]),
@@ -278,7 +237,7 @@ fn q4_model_shapes_int4sym() {
 #[test]
 fn q4_small_shapes_every_kind() {
     let Some(dev) = gpu() else { return };
-    let mut rng = rng("q4_small_shapes_every_kind");
+    let mut rng = common::seeded_rng("q4_small_shapes_every_kind");
     for kind in kinds() {
         run_q4_case(&dev, &mut rng, kind, 3, 40, 64);
         run_q4_case(&dev, &mut rng, kind, 17, 40, 64);
@@ -295,7 +254,7 @@ fn dense_f16_matches_reference() {
         println!("skipped: cuBLAS (libcublas.so) cannot be loaded");
         return;
     }
-    let mut rng = rng("dense_f16_matches_reference");
+    let mut rng = common::seeded_rng("dense_f16_matches_reference");
     let cases = [
         (1, 1, 32),
         (2, 7, 96),
@@ -386,10 +345,10 @@ fn device_new_never_panics() {
 #[test]
 fn memory_is_accounted_by_purpose() {
     let Some(dev) = gpu() else { return };
-    let mut rng = rng("memory_is_accounted_by_purpose");
+    let mut rng = common::seeded_rng("memory_is_accounted_by_purpose");
     let before = dev.memory();
     let (n, k) = (129, 4160);
-    let w = random_q4(&mut rng, Q4Kind::Int4, n, k, 64);
+    let w = common::random_q4(&mut rng, Q4Kind::Int4, n, k, 64);
     let bias = vec![0.25f32; n];
     let layer = CudaQ4Linear::upload(&dev, w.view().unwrap(), Some(&bias)).unwrap();
     let after = dev.memory();
@@ -421,8 +380,8 @@ fn memory_is_accounted_by_purpose() {
 #[test]
 fn bad_arguments_are_errors() {
     let Some(dev) = gpu() else { return };
-    let mut rng = rng("bad_arguments_are_errors");
-    let w = random_q4(&mut rng, Q4Kind::Nf4, 16, 64, 32);
+    let mut rng = common::seeded_rng("bad_arguments_are_errors");
+    let w = common::random_q4(&mut rng, Q4Kind::Nf4, 16, 64, 32);
     let view: Q4Weights<'_> = w.view().unwrap();
     assert!(matches!(
         CudaQ4Linear::upload(&dev, view, Some(&[0.0; 15])),

@@ -220,35 +220,6 @@ impl LinearSource for Source {
     }
 }
 
-/// A random 4-bit matrix: every code equally likely, scales that keep outputs well
-/// inside f16, INT4 offsets around `-8 * scale`.
-fn random_q4(rng: &mut StdRng, kind: Q4Kind, n: usize, k: usize, group: usize) -> Q4Matrix {
-    let groups = n * (k / group);
-    let packed = (0..n * k / 2)
-        .map(|_| rng.random_range(0..=255u8))
-        .collect();
-    let scales: Vec<f16> = (0..groups)
-        .map(|_| f16::from_f32(rng.random_range(0.002f32..0.03)))
-        .collect();
-    let offsets = if kind.has_offsets() {
-        scales
-            .iter()
-            .map(|s| f16::from_f32(-s.to_f32() * rng.random_range(5.0f32..11.0)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    Q4Matrix {
-        kind,
-        n,
-        k,
-        group,
-        packed,
-        scales,
-        offsets,
-    }
-}
-
 #[test]
 fn stored_layers_match_cpu() {
     let Some(p) = pair() else { return };
@@ -260,7 +231,7 @@ fn stored_layers_match_cpu() {
             let name = format!("{kind}_{n}x{k}_g{group}");
             layers.insert(
                 name.clone(),
-                Stored::Q4(random_q4(&mut rng, kind, n, k, group)),
+                Stored::Q4(common::random_q4(&mut rng, kind, n, k, group)),
             );
             cases.push((name, n, k, true));
         }

@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use half::f16;
 use hiprune::model::Tensor;
+use hiprune::quant::{Q4Kind, Q4Matrix};
+use rand::Rng;
 
 /// A file or folder under `tests/fixtures/mmdit`.
 /// Relative to the working directory when the source tree the test was built in is
@@ -44,6 +47,42 @@ pub fn seeded_rng(test: &str) -> rand::rngs::StdRng {
         });
     println!("{test}: seed {seed}");
     rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// A random 4-bit matrix of `kind`: every code equally likely, scales in a range that
+/// keeps outputs well inside f16, offsets (INT4 with offsets only) around the symmetric
+/// `-8 * scale`.
+pub fn random_q4(
+    rng: &mut rand::rngs::StdRng,
+    kind: Q4Kind,
+    n: usize,
+    k: usize,
+    group: usize,
+) -> Q4Matrix {
+    let groups = n * (k / group);
+    let packed = (0..n * k / 2)
+        .map(|_| rng.random_range(0..=255u8))
+        .collect();
+    let scales: Vec<f16> = (0..groups)
+        .map(|_| f16::from_f32(rng.random_range(0.002f32..0.03)))
+        .collect();
+    let offsets = if kind.has_offsets() {
+        scales
+            .iter()
+            .map(|s| f16::from_f32(-s.to_f32() * rng.random_range(5.0f32..11.0)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Q4Matrix {
+        kind,
+        n,
+        k,
+        group,
+        packed,
+        scales,
+        offsets,
+    }
 }
 
 /// The CUDA backend on device 0, or `None` after printing why the test is skipped
