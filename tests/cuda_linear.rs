@@ -11,10 +11,10 @@ use half::f16;
 use hiprune::backend::cuda::{
     CudaDenseLinear, CudaDevice, CudaQ4Linear, CudaTensorF16, GEMV_MAX_M, MemoryPurpose, Q4Kernel,
 };
-use hiprune::quant::{Q4Kind, Q4Matrix, reference};
+use hiprune::quant::{Q4Kind, reference};
 use hiprune::{Error, Q4Weights};
+use rand::Rng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// Tolerance on `max |y - ref| / max |ref|` for f16 outputs. The inputs (x, scales,
 /// offsets, bias) are exact f16 values in both computations, so the only differences are
