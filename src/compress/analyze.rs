@@ -23,8 +23,8 @@
 //! (standard normal latents and embeddings, timesteps spread over a flow-matching
 //! schedule), which the report says.
 
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::backend::cpu::{DenseData, LinearWeights};
@@ -82,17 +82,6 @@ impl Batch {
     }
 }
 
-fn normal_tensor(rng: &mut StdRng, shape: Vec<usize>) -> Tensor {
-    let n: usize = shape.iter().product();
-    let data = (0..n)
-        .map(|_| {
-            let s: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum();
-            s * 0.866
-        })
-        .collect();
-    Tensor { data, shape }
-}
-
 /// Seeded synthetic inputs: `n` items, timesteps of an `n`-step schedule.
 fn synthetic(model: &Mmdit, opts: &AnalyzeOptions) -> Result<Batch> {
     let cfg = model.config();
@@ -106,12 +95,12 @@ fn synthetic(model: &Mmdit, opts: &AnalyzeOptions) -> Result<Batch> {
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let schedule = flow_match_schedule(n, DEFAULT_SHIFT)?;
     Ok(Batch {
-        hidden_states: normal_tensor(&mut rng, vec![n, cfg.in_channels, side, side]),
-        encoder_hidden_states: normal_tensor(
+        hidden_states: Tensor::random_normal(&mut rng, vec![n, cfg.in_channels, side, side]),
+        encoder_hidden_states: Tensor::random_normal(
             &mut rng,
             vec![n, opts.tokens.max(1), cfg.joint_attention_dim],
         ),
-        pooled_projections: normal_tensor(&mut rng, vec![n, cfg.pooled_projection_dim]),
+        pooled_projections: Tensor::random_normal(&mut rng, vec![n, cfg.pooled_projection_dim]),
         timestep: Tensor {
             data: schedule.timesteps.clone(),
             shape: vec![n],

@@ -41,6 +41,17 @@ impl Tensor {
             shape,
         }
     }
+
+    /// A `[shape]` tensor of seeded, roughly N(0, 1) values (the sum of four uniforms in
+    /// `[-1, 1)`, scaled to unit variance): synthetic inputs for demos, benchmarks and
+    /// calibration without data.
+    pub fn random_normal(rng: &mut impl rand::Rng, shape: Vec<usize>) -> Self {
+        let n: usize = shape.iter().product();
+        let data = (0..n)
+            .map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866)
+            .collect();
+        Tensor { data, shape }
+    }
 }
 
 /// A safetensors file read into memory and validated by the safetensors parser.

@@ -23,8 +23,8 @@ use hiprune::model::layout::{Required, required_tensors};
 use hiprune::model::sampler::{Conditioning, initial_latent};
 use hiprune::model::{Mmdit, MmditConfig, PruneSpec, SampleOptions, Tensor, sample};
 use hiprune::{Error, Result};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::bench::{backend_name, check_backend, gpu_info, quantile};
@@ -914,17 +914,6 @@ fn weight_bytes<B: Backend>(model: &Mmdit<B>) -> Result<(u64, u64, BTreeMap<Stri
     Ok((linear_bytes, other, formats))
 }
 
-/// A `[shape]` tensor of N(0, 1)-like values (sum of four uniforms).
-fn normal(rng: &mut StdRng, shape: Vec<usize>) -> Tensor {
-    let n: usize = shape.iter().product();
-    Tensor {
-        data: (0..n)
-            .map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866)
-            .collect(),
-        shape,
-    }
-}
-
 /// Runs the hidden `bench model-run`: measures one model and prints its [`ModelRun`]
 /// as JSON on stdout (progress on stderr).
 pub fn run_child(args: &ModelRunArgs) -> Result<()> {
@@ -975,11 +964,11 @@ fn measure_model<B: Backend>(
     let rss_before = proc_status_bytes("VmRSS");
 
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0xc0de);
-    let ehs = normal(
+    let ehs = Tensor::random_normal(
         &mut rng,
         vec![1, args.context_tokens, cfg.joint_attention_dim],
     );
-    let pooled = normal(&mut rng, vec![1, cfg.pooled_projection_dim]);
+    let pooled = Tensor::random_normal(&mut rng, vec![1, cfg.pooled_projection_dim]);
     let cond = Conditioning {
         encoder_hidden_states: &ehs,
         pooled_projections: &pooled,

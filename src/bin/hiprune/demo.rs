@@ -15,8 +15,8 @@ use hiprune::compress::{
 use hiprune::model::sampler::{Conditioning, initial_latent};
 use hiprune::model::{Mmdit, MmditConfig, SampleOptions, Tensor, sample};
 use hiprune::{Error, Result};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use crate::report::{Table, cpu_model, human_bytes};
 
@@ -45,16 +45,6 @@ pub struct DemoArgs {
     /// folder, removed at exit).
     #[arg(long)]
     keep: Option<PathBuf>,
-}
-
-fn normal(rng: &mut StdRng, shape: Vec<usize>) -> Tensor {
-    let n: usize = shape.iter().product();
-    Tensor {
-        data: (0..n)
-            .map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866)
-            .collect(),
-        shape,
-    }
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -180,8 +170,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     // 5. Sample with both.
     let compressed = Mmdit::load(&package)?;
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
-    let ehs = normal(&mut rng, vec![1, 32, config.joint_attention_dim]);
-    let pooled = normal(&mut rng, vec![1, config.pooled_projection_dim]);
+    let ehs = Tensor::random_normal(&mut rng, vec![1, 32, config.joint_attention_dim]);
+    let pooled = Tensor::random_normal(&mut rng, vec![1, config.pooled_projection_dim]);
     let cond = Conditioning {
         encoder_hidden_states: &ehs,
         pooled_projections: &pooled,
