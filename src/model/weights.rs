@@ -23,7 +23,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::backend::LinearSource;
 use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
-use crate::format::{Dtype, Package, Precision};
+use crate::format::{Dtype, Package, Precision, TensorView};
 use crate::model::tensor::{Tensor, floats_to_f32};
 use crate::quant::Q4Matrix;
 
@@ -327,13 +327,7 @@ impl Weights {
                         if view.shape() != [n, k] {
                             return Err(mismatch(view.shape().to_vec()));
                         }
-                        let data = match view.dtype() {
-                            Dtype::F32 => DenseData::F32(view.f32_slice()?),
-                            Dtype::F16 => DenseData::F16(view.f16_slice()?),
-                            Dtype::Bf16 => DenseData::Bf16(view.bf16_slice()?),
-                            Dtype::U8 => return Err(float_dtype_error(&name, "U8")),
-                        };
-                        LinearWeights::dense(data, n, k)?
+                        LinearWeights::dense(dense_from_view(&name, &view)?, n, k)?
                     }
                 }
             }
@@ -448,13 +442,7 @@ impl Weights {
                     tensor: name.to_string(),
                 })?;
                 let view = p.tensor(name)?;
-                let data = match view.dtype() {
-                    Dtype::F32 => DenseData::F32(view.f32_slice()?),
-                    Dtype::F16 => DenseData::F16(view.f16_slice()?),
-                    Dtype::Bf16 => DenseData::Bf16(view.bf16_slice()?),
-                    Dtype::U8 => return Err(float_dtype_error(name, "U8")),
-                };
-                (data, view.shape().to_vec())
+                (dense_from_view(name, &view)?, view.shape().to_vec())
             }
         };
         if found != expected {
@@ -625,6 +613,17 @@ fn float_dtype_error(name: &str, found: &str) -> Error {
         expected: "F32, F16 or BF16".to_string(),
         found: found.to_string(),
     }
+}
+
+/// The elements of a package tensor `name` as a borrowed float view; an error for a
+/// non-float dtype.
+fn dense_from_view<'a>(name: &str, view: &TensorView<'a>) -> Result<DenseData<'a>> {
+    Ok(match view.dtype() {
+        Dtype::F32 => DenseData::F32(view.f32_slice()?),
+        Dtype::F16 => DenseData::F16(view.f16_slice()?),
+        Dtype::Bf16 => DenseData::Bf16(view.bf16_slice()?),
+        Dtype::U8 => return Err(float_dtype_error(name, "U8")),
+    })
 }
 
 fn dense_from_bytes<'a>(name: &str, dtype: StDtype, bytes: &'a [u8]) -> Result<DenseData<'a>> {
