@@ -5,7 +5,8 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
-use hiprune::backend::cpu::{DenseData, LinearWeights, linear};
+use hiprune::backend::cpu::linear;
+use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::quant::{Q4Kind, Q4Weights};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -3,8 +3,9 @@
 //!
 //! `cargo run --release --example quickstart`
 
-use hiprune::backend::cpu::{LinearWeights, linear};
+use hiprune::backend::cpu::linear;
 use hiprune::format::{PackageInfo, Provenance};
+use hiprune::quant::LinearWeights;
 use hiprune::quant::{Int4Options, quantize_int4};
 use hiprune::{Package, PackageWriter};
 
@@ -41,7 +42,7 @@ fn main() -> hiprune::Result<()> {
     let mut y = vec![0.0f32; n];
     linear(&x, 1, &LinearWeights::Q4(w), None, &mut y)?;
 
-    let dense = hiprune::backend::cpu::DenseData::F32(&weight);
+    let dense = hiprune::quant::DenseData::F32(&weight);
     let mut y_f32 = vec![0.0f32; n];
     linear(&x, 1, &LinearWeights::dense(dense, n, k)?, None, &mut y_f32)?;
     let err: f32 = y

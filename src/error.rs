@@ -296,8 +296,17 @@ pub enum Error {
         what: String,
     },
 
-    /// No usable CUDA driver or device.
-    #[error("no CUDA device: {reason}")]
+    /// A device was asked for whose backend this build does not have.
+    #[error(
+        "{device} was asked for but hiprune was not built with CUDA (rebuild with `--features cuda`)"
+    )]
+    BackendNotCompiled {
+        /// The device asked for, e.g. `cuda:0`.
+        device: String,
+    },
+
+    /// No usable CUDA driver or device (in a build with the CUDA backend).
+    #[error("no usable CUDA device: {reason}")]
     NoCudaDevice {
         /// Why none could be used.
         reason: String,

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hiprune::Error;
-use hiprune::backend::cpu::{DenseData, LinearWeights};
 use hiprune::backend::{
     Activation, Backend, CpuBackend, CpuLinear, CpuTensor, Device, LinearLayer, LinearSource,
     Modulation,
 };
 use hiprune::model::{Mmdit, MmditInputs, PruneSpec, Tensor, TensorFile};
+use hiprune::quant::{DenseData, LinearWeights};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -387,11 +387,11 @@ fn devices_parse_and_cuda_without_the_feature_is_a_clear_error() {
     if cfg!(feature = "cuda") {
         assert!(Device::Cuda(0).ensure_compiled().is_ok());
     } else {
-        assert!(matches!(err, Error::NoCudaDevice { .. }), "{err}");
+        assert!(matches!(err, Error::BackendNotCompiled { .. }), "{err}");
         assert!(err.to_string().contains("--features cuda"), "{err}");
         assert!(matches!(
             Device::Cuda(0).ensure_compiled(),
-            Err(Error::NoCudaDevice { .. })
+            Err(Error::BackendNotCompiled { .. })
         ));
     }
 }
@@ -561,9 +561,9 @@ fn the_engine_stays_on_the_backend_and_matches_the_cpu_model() {
             want,
             "{folder}: wrapped backend differs"
         );
-        // Four uploads (patch embeddings, timestep embedding, pooled and prompt
-        // embeddings) and one download per forward, nothing in between.
-        assert_eq!(be.uploads.load(Ordering::Relaxed) - up0, 4, "{folder}");
+        // Five uploads (patches, the positional crop, timestep embedding, pooled and
+        // prompt embeddings) and one download per forward, nothing in between.
+        assert_eq!(be.uploads.load(Ordering::Relaxed) - up0, 5, "{folder}");
         assert_eq!(be.downloads.load(Ordering::Relaxed) - down0, 1, "{folder}");
         assert_eq!(be.linears.load(Ordering::Relaxed), linears);
     }

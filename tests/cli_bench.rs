@@ -526,7 +526,7 @@ fn cuda_kernels_report_or_fail_cleanly_without_a_device() {
     assert!(!err.contains("panicked"), "{err}");
     if !out.status.success() {
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("no CUDA device"), "{err}");
+        assert!(err.contains("no usable CUDA device"), "{err}");
         assert!(!gpu_required(), "HIPRUNE_REQUIRE_GPU=1 but: {err}");
         eprintln!("skipped: no CUDA device ({})", err.trim());
         return;
@@ -626,7 +626,7 @@ fn cuda_model_runs_or_fails_cleanly() {
     }
     assert_eq!(out.status.code(), Some(1), "{err}");
     let not_built = err.contains("does not run on CUDA in this build");
-    assert!(not_built || err.contains("no CUDA device"), "{err}");
+    assert!(not_built || err.contains("no usable CUDA device"), "{err}");
     if not_built {
         assert!(
             !err.contains("generating"),

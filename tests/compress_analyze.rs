@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use half::f16;
-use hiprune::backend::cpu::{DenseData, LinearWeights};
 use hiprune::compress::analyze::energy_score;
 use hiprune::compress::{AnalyzeOptions, SensitivityReport, analyze_model, weight_scores};
 use hiprune::model::{Mmdit, MmditInputs, PruneSpec, TensorFile};
+use hiprune::quant::{DenseData, LinearWeights};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

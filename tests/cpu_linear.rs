@@ -2,7 +2,8 @@
 //! path) against the f64 reference, on fresh random inputs and awkward shapes.
 
 use half::{bf16, f16};
-use hiprune::backend::cpu::{DenseData, KernelPath, LinearWeights, linear, linear_with_path};
+use hiprune::backend::cpu::{KernelPath, linear, linear_with_path};
+use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::quant::{Q4Kind, Q4Weights, reference};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -28,7 +28,6 @@ use std::sync::Arc;
 use common::{fixture, rel_err};
 
 use half::f16;
-use hiprune::backend::cpu::{DenseData, LinearWeights};
 use hiprune::backend::cuda::CudaBackend;
 use hiprune::backend::{
     Backend, CpuBackend, CpuLinear, CpuTensor, Device, LinearSource, Modulation,
@@ -37,6 +36,7 @@ use hiprune::format::{PackageInfo, Precision};
 use hiprune::model::layout::{Required, required_tensors};
 use hiprune::model::sampler::{Conditioning, SampleOptions, sample};
 use hiprune::model::{Mmdit, MmditConfig, MmditInputs, PruneSpec, Tensor, TensorFile};
+use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::quant::{INT4_GROUP_SIZES, Int4Options, quantize_int4};
 use hiprune::{PackageWriter, Result};
 use rand::rngs::StdRng;

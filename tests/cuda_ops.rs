@@ -25,11 +25,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use hiprune::backend::cpu::{DenseData, LinearWeights};
 use hiprune::backend::cuda::{CudaBackend, CudaLinear, CudaTensorF16};
 use hiprune::backend::{
     Activation, Backend, CpuBackend, CpuTensor, Device, LinearLayer, LinearSource, Modulation,
 };
+use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::quant::{Q4Kind, Q4Matrix};
 use hiprune::{Error, Result};
 use rand::Rng;

@@ -216,14 +216,14 @@ fn stored_tables_crop_in_every_dtype_without_a_copy() {
             let copied = matches!(
                 t,
                 PosTable::Stored {
-                    data: hiprune::backend::cpu::DenseData::F32(_),
+                    data: hiprune::quant::DenseData::F32(_),
                     ..
                 }
             );
             assert_eq!(copied, misalign || dtype == safetensors::Dtype::F32);
             let held = match &t {
                 PosTable::Stored {
-                    data: hiprune::backend::cpu::DenseData::F32(_),
+                    data: hiprune::quant::DenseData::F32(_),
                     ..
                 } => 4 * full.len() as u64,
                 _ => elem * full.len() as u64,
@@ -358,13 +358,13 @@ fn stored_and_computed_tables_give_identical_forwards_and_honest_byte_counts() {
                 .unwrap(),
             PosTable::Sincos2d { .. }
         ));
-        // The same f32 copies of the small tensors; the table counts in the folder
+        // The same biases and f32 copies of the small tensors; the table counts in the folder
         // model only (as its stored bytes), not in the package that computes it.
         assert_eq!(
-            folder.host_tensor_bytes().unwrap(),
-            package.host_tensor_bytes().unwrap() + table_bytes
+            folder.weight_bytes().unwrap().other,
+            package.weight_bytes().unwrap().other + table_bytes
         );
-        assert!(package.host_tensor_bytes().unwrap() < table_bytes);
+        assert!(package.weight_bytes().unwrap().other < table_bytes);
         assert_same_forwards(&[&folder, &package], &mut rng);
     }
 }
@@ -396,8 +396,8 @@ fn a_stored_table_in_a_package_matches_its_checkpoint() {
     let folder = Mmdit::load(&ckpt).unwrap();
     let package = Mmdit::load(&hpk).unwrap();
     assert_eq!(
-        folder.host_tensor_bytes().unwrap(),
-        package.host_tensor_bytes().unwrap()
+        folder.weight_bytes().unwrap().other,
+        package.weight_bytes().unwrap().other
     );
     assert_same_forwards(&[&folder, &package], &mut rng);
 }

@@ -43,7 +43,7 @@
 //! [`Backend::Linear`] is an owned, `'static` value, so the model can hold one per
 //! layer for as long as it lives. To stay zero-copy on the CPU, a layer is uploaded
 //! from a shared [`LinearSource`] (the model's weights, which own the package's memory
-//! map): the CPU backend keeps the `Arc` and borrows a [`cpu::LinearWeights`] view for
+//! map): the CPU backend keeps the `Arc` and borrows a [`LinearWeights`] view for
 //! each call, a device backend reads the view once and copies (or repacks) it to
 //! device memory.
 
@@ -58,7 +58,7 @@ pub mod cuda;
 pub use cpu::attention::AttentionShape;
 pub use cpu::backend::{CpuBackend, CpuLinear, CpuTensor};
 
-use cpu::LinearWeights;
+use crate::quant::LinearWeights;
 
 /// Where a model runs, as callers choose it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -91,16 +91,15 @@ impl Device {
     }
 
     /// Whether this build has a backend for the device: `Ok` for the CPU; for CUDA an
-    /// [`Error::NoCudaDevice`] in a build without the `cuda` feature. (Whether a device
-    /// is actually present is the backend's business when it opens.)
+    /// [`Error::BackendNotCompiled`] in a build without the `cuda` feature. (Whether a
+    /// device is actually present is the backend's business when it opens: an
+    /// [`Error::NoCudaDevice`] then.)
     pub fn ensure_compiled(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(_) if cfg!(feature = "cuda") => Ok(()),
-            Device::Cuda(n) => Err(Error::NoCudaDevice {
-                reason: format!(
-                    "cuda:{n} was asked for but hiprune was not built with CUDA (rebuild with `--features cuda`)"
-                ),
+            Device::Cuda(n) => Err(Error::BackendNotCompiled {
+                device: format!("cuda:{n}"),
             }),
         }
     }

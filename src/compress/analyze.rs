@@ -27,13 +27,13 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rayon::prelude::*;
 
-use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::compress::report::{BlockScores, ComponentScore, SensitivityReport};
 use crate::error::{Error, Result};
 use crate::model::layout::{Required, block_tensors};
 use crate::model::mmdit::Streams;
 use crate::model::sampler::{DEFAULT_SHIFT, flow_match_schedule};
 use crate::model::{Mmdit, MmditInputs, Tensor, TensorFile};
+use crate::quant::{DenseData, LinearWeights};
 
 /// Settings of [`analyze_model`].
 #[derive(Debug, Clone, PartialEq)]
@@ -161,11 +161,19 @@ fn block_influence(model: &Mmdit, batch: &Batch) -> Result<Vec<(usize, f32)>> {
         mut c,
         silu_temb,
     } = model.embed(&inputs, &dims)?;
-    let kept = model.prune_spec().kept_blocks(model.config().num_layers);
-    let mut out = Vec::with_capacity(kept.len());
-    for (pos, &i) in kept.iter().enumerate() {
+    let blocks = model.blocks();
+    let mut out = Vec::with_capacity(blocks.len());
+    for (pos, block) in blocks.iter().enumerate() {
+        let i = block.index;
         let before = x.clone();
-        model.block(i, pos + 1 == kept.len(), &mut x, &mut c, &silu_temb, &dims)?;
+        model.block(
+            block,
+            pos + 1 == blocks.len(),
+            &mut x,
+            &mut c,
+            &silu_temb,
+            &dims,
+        )?;
         let mut sum = 0.0f64;
         let mut count = 0usize;
         for (a, b) in before.data().chunks_exact(d).zip(x.data().chunks_exact(d)) {

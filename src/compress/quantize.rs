@@ -31,13 +31,13 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
 use crate::format::{Dtype, LayerEntry, PackageInfo, PackageWriter, Precision, Provenance};
 use crate::model::layout::{Required, required_tensors};
 use crate::model::pos_embed::{round_value, sincos_2d_f32};
-use crate::model::weights::{SHARD_INDEX, SINGLE_FILE};
+use crate::model::weights::{POS_TABLE, SHARD_INDEX, SINGLE_FILE};
 use crate::model::{MmditConfig, PruneSpec, Weights};
+use crate::quant::{DenseData, LinearWeights};
 use crate::quant::{
     Int4Options, Q4Kind, Q4Matrix, check_q4_dims, quantize_int4_row, quantize_nf4_row,
 };
@@ -418,9 +418,6 @@ pub fn compress_checkpoint(
         tensors,
     })
 }
-
-/// Name of the positional table of the patch embedding.
-const POS_TABLE: &str = "pos_embed.pos_embed";
 
 /// Grid rows of the positional table compared per step by [`pos_table_is_sincos`].
 const POS_CHECK_ROWS: usize = 16;

@@ -9,10 +9,7 @@ use super::bindings as b;
 use super::error::guard;
 use super::handles;
 use super::status::{self, Failure, FfiResult, Status};
-use crate::backend::cpu::{DenseData, LinearWeights};
-use crate::model::Mmdit;
-use crate::model::layout::{Required, required_tensors};
-use crate::quant::Q4Kind;
+use crate::model::{Mmdit, WeightBytes};
 
 /// A loaded model and its storage statistics.
 pub(crate) struct ModelState {
@@ -20,53 +17,6 @@ pub(crate) struct ModelState {
     pub bytes: WeightBytes,
     pub file_bytes: u64,
     pub is_package: bool,
-}
-
-/// Bytes of the weights the model runs, by storage.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct WeightBytes {
-    pub f32: u64,
-    pub f16: u64,
-    pub bf16: u64,
-    pub int4: u64,
-    pub nf4: u64,
-    pub other: u64,
-}
-
-impl WeightBytes {
-    pub fn total(&self) -> u64 {
-        self.f32 + self.f16 + self.bf16 + self.int4 + self.nf4 + self.other
-    }
-}
-
-fn weight_bytes(model: &Mmdit) -> crate::Result<WeightBytes> {
-    let mut out = WeightBytes::default();
-    for req in required_tensors(model.config(), model.prune_spec()) {
-        if let Required::Linear { name, n, k } = req {
-            // The f32 bias, held with the layer.
-            out.other += 4 * n as u64;
-            let count = (n * k) as u64;
-            match model.weights().linear(&name, n, k)? {
-                LinearWeights::Dense { data, .. } => match data {
-                    DenseData::F32(_) => out.f32 += 4 * count,
-                    DenseData::F16(_) => out.f16 += 2 * count,
-                    DenseData::Bf16(_) => out.bf16 += 2 * count,
-                },
-                LinearWeights::Q4(q) => {
-                    let bytes =
-                        (q.packed().len() + 2 * (q.scales().len() + q.offsets().len())) as u64;
-                    match q.kind() {
-                        Q4Kind::Int4 | Q4Kind::Int4Sym => out.int4 += bytes,
-                        Q4Kind::Nf4 => out.nf4 += bytes,
-                    }
-                }
-            }
-        }
-    }
-    // The f32 copies of the small tensors and the positional table as held (0 bytes
-    // when the package computes it).
-    out.other += model.host_tensor_bytes()?;
-    Ok(out)
 }
 
 /// Reads a caller's parameter struct of type `T` whose first field is `struct_size`:
@@ -158,7 +108,7 @@ fn load(path: *const c_char, out_model: *mut *mut b::hp_model) -> FfiResult {
     let path = Path::new(path);
     let is_package = !path.is_dir();
     let model = Mmdit::load(path).map_err(Failure::from_load)?;
-    let bytes = weight_bytes(&model).map_err(Failure::from_load)?;
+    let bytes = model.weight_bytes().map_err(Failure::from_load)?;
     let file_bytes = model.weights().package().map_or(0, |p| p.file_len());
     log::info!(
         "loaded {} ({} of {} blocks, {} weight bytes)",
@@ -206,7 +156,7 @@ fn info(model: *const b::hp_model, out: *mut b::hp_model_info) -> FfiResult {
     let state = handles::model(model as usize)?;
     let cfg = state.model.config();
     let kept = state.model.prune_spec().kept_blocks(cfg.num_layers).len();
-    let bytes = state.bytes;
+    let bytes = &state.bytes;
     let value = b::hp_model_info {
         struct_size: size_of::<b::hp_model_info>(),
         sample_size: to_u32(cfg.sample_size, "sample_size")?,

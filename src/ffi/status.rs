@@ -62,13 +62,14 @@ impl Failure {
         Failure::new(SIZE_MISMATCH, message)
     }
 
-    /// A crate error raised while loading a model: I/O errors stay I/O errors, bad
-    /// arguments and unsupported requests keep their codes, everything else is a
-    /// broken file.
+    /// A crate error raised while loading a model: I/O errors stay I/O errors,
+    /// unsupported requests and unavailable backends keep their codes, everything else
+    /// is a broken file.
     pub fn from_load(e: Error) -> Self {
         let status = match &e {
             Error::Io { .. } => IO,
             Error::Unsupported { .. } => UNSUPPORTED,
+            Error::NoCudaDevice { .. } | Error::BackendNotCompiled { .. } => BACKEND_UNAVAILABLE,
             _ => INVALID_MODEL,
         };
         Failure::new(status, e.to_string())
@@ -80,7 +81,7 @@ impl Failure {
             Error::InvalidArgument { .. } => INVALID_ARGUMENT,
             Error::ShapeMismatch { .. } | Error::LengthMismatch { .. } => SIZE_MISMATCH,
             Error::Unsupported { .. } => UNSUPPORTED,
-            Error::NoCudaDevice { .. } => BACKEND_UNAVAILABLE,
+            Error::NoCudaDevice { .. } | Error::BackendNotCompiled { .. } => BACKEND_UNAVAILABLE,
             Error::Io { .. } => IO,
             Error::MissingTensor { .. } if is_input_tensor(&e) => INVALID_ARGUMENT,
             _ => INVALID_MODEL,

@@ -13,17 +13,15 @@
 //! per forward, see [`crate::backend`]); everything else runs on the backend, with the
 //! linear layers uploaded once when the pruning plan is set.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::cpu::ops;
-use crate::backend::cpu::{CpuBackend, DenseData, LinearWeights, linear};
-use crate::backend::{Backend, Device, LinearLayer, LinearSource, Modulation};
+use crate::backend::{Backend, CpuBackend, Device, LinearSource, Modulation};
 use crate::error::{Error, Result};
 use crate::format::Package;
 use crate::model::config::MmditConfig;
-use crate::model::layout::{Required, required_tensors};
+use crate::model::layers::{BlockLayers, LayerSink, TopLayers};
+use crate::model::memory::WeightBytes;
 use crate::model::prune::PruneSpec;
 use crate::model::tensor::Tensor;
 use crate::model::weights::{POS_TABLE, Weights};
@@ -59,20 +57,69 @@ pub(crate) struct Dims {
     pub n_ctx: usize,
 }
 
+/// A kept block's layers on the backend `B`.
+pub(crate) type Block<B> = BlockLayers<<B as Backend>::Linear, <B as Backend>::Tensor>;
+
 /// An MMDiT transformer ready to run on the backend `B` (the CPU by default).
 pub struct Mmdit<B: Backend = CpuBackend> {
     pub(crate) config: MmditConfig,
     pub(crate) weights: Arc<Weights>,
     pub(crate) spec: PruneSpec,
-    /// f32 host copies of the patch convolution and the qk-norm weights. The
-    /// positional table is not copied: each forward reads the crop it needs from
-    /// [`Weights::pos_table`].
-    pub(crate) small: HashMap<String, Vec<f32>>,
     backend: B,
-    /// The linear layers `spec` needs, with their biases, uploaded to the backend.
-    layers: HashMap<String, B::Linear>,
-    /// The qk-norm weights `[1, head_dim]` on the backend.
-    norms: HashMap<String, B::Tensor>,
+    /// The embeddings and the output head on the backend. The positional table is not
+    /// copied: each forward reads the crop it needs from [`Weights::pos_table`].
+    top: TopLayers<B::Linear>,
+    /// The kept blocks in execution order, with the layers their masks keep.
+    blocks: Vec<Arc<Block<B>>>,
+}
+
+/// The [`LayerSink`] of a model load: reads each tensor from the weights and uploads
+/// it to the backend.
+struct Upload<'a, B: Backend> {
+    backend: &'a B,
+    weights: &'a Arc<Weights>,
+    source: Arc<dyn LinearSource>,
+}
+
+impl<'a, B: Backend> Upload<'a, B> {
+    fn new(backend: &'a B, weights: &'a Arc<Weights>) -> Self {
+        let source: Arc<dyn LinearSource> = weights.clone();
+        Upload {
+            backend,
+            weights,
+            source,
+        }
+    }
+}
+
+impl<B: Backend> LayerSink for Upload<'_, B> {
+    type Linear = B::Linear;
+    type Norm = B::Tensor;
+
+    fn linear(&mut self, name: String, n: usize, k: usize) -> Result<B::Linear> {
+        let bias = self.weights.f32_tensor(&format!("{name}.bias"), &[n])?;
+        self.backend
+            .upload_linear(&self.source, &name, n, k, Some(&bias))
+    }
+
+    fn norm(&mut self, name: String, len: usize) -> Result<B::Tensor> {
+        let data = self.weights.f32_tensor(&name, &[len])?;
+        self.backend.upload(&data, 1, len)
+    }
+
+    fn patch_conv(&mut self, name: &str, d: usize, c: usize, p: usize) -> Result<B::Linear> {
+        let w = self
+            .weights
+            .f32_tensor(&format!("{name}.weight"), &[d, c, p, p])?;
+        let bias = self.weights.f32_tensor(&format!("{name}.bias"), &[d])?;
+        self.backend.upload_dense(&w, d, c * p * p, Some(&bias))
+    }
+
+    fn pos_table(&mut self, name: &str, grid: usize, d: usize) -> Result<()> {
+        // Checked here (shape, dtype, a computed table's parameters); held as it is
+        // stored, never copied whole.
+        self.weights.pos_table(name, grid, d).map(|_| ())
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for Mmdit<B> {
@@ -121,15 +168,26 @@ impl<B: Backend> Mmdit<B> {
         weights: Weights,
         spec: PruneSpec,
     ) -> Result<Mmdit<B>> {
+        Mmdit::with_shared_weights(backend, config, Arc::new(weights), spec)
+    }
+
+    /// [`Mmdit::with_backend`] on weights another model may share (one memory map
+    /// serves the CPU model and a device upload).
+    pub fn with_shared_weights(
+        backend: B,
+        config: MmditConfig,
+        weights: Arc<Weights>,
+        spec: PruneSpec,
+    ) -> Result<Mmdit<B>> {
         config.validate()?;
+        let top = TopLayers::load(&config, &mut Upload::new(&backend, &weights))?;
         let mut model = Mmdit {
             config,
-            weights: Arc::new(weights),
+            weights,
             spec: PruneSpec::none(),
-            small: HashMap::new(),
             backend,
-            layers: HashMap::new(),
-            norms: HashMap::new(),
+            top,
+            blocks: Vec::new(),
         };
         model.set_prune(spec)?;
         Ok(model)
@@ -139,7 +197,7 @@ impl<B: Backend> Mmdit<B> {
     /// on [`Device::Cpu`], `Mmdit::<CudaBackend>` on [`Device::Cuda`] (feature `cuda`;
     /// `crate::backend::cuda::CudaBackend`). Asking a backend for a device it does not
     /// run on is an error; for the CPU model a CUDA device gives
-    /// [`Error::NoCudaDevice`] in a build without the `cuda` feature.
+    /// [`Error::BackendNotCompiled`] in a build without the `cuda` feature.
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<Mmdit<B>> {
         Mmdit::load_with(path, B::open(device)?)
     }
@@ -175,59 +233,22 @@ impl<B: Backend> Mmdit<B> {
         }
     }
 
-    /// Replaces the pruning plan, checking the weights it needs and uploading those not
-    /// uploaded yet (layers the old plan already uploaded are kept, not uploaded
-    /// again). On error the model is left unchanged.
+    /// Replaces the pruning plan, checking the weights it needs and uploading the
+    /// blocks not uploaded yet (a block the old plan already ran with the same mask is
+    /// kept, not uploaded again). On error the model is left unchanged.
     pub fn set_prune(&mut self, spec: PruneSpec) -> Result<()> {
         spec.validate(self.config.num_layers)?;
-        let source: Arc<dyn LinearSource> = self.weights.clone();
-        let mut small = HashMap::new();
-        let mut fresh = HashMap::new();
-        let mut reuse = Vec::new();
-        let mut norms = HashMap::new();
-        for req in required_tensors(&self.config, &spec) {
-            match req {
-                Required::Linear { name, n, k } => {
-                    if let Some(l) = self.layers.get(&name)
-                        && l.n() == n
-                        && l.k() == k
-                    {
-                        reuse.push(name);
-                        continue;
-                    }
-                    let bias = self.weights.f32_tensor(&format!("{name}.bias"), &[n])?;
-                    let layer = self
-                        .backend
-                        .upload_linear(&source, &name, n, k, Some(&bias))?;
-                    fresh.insert(name, layer);
-                }
-                Required::Plain { name, .. } if name == POS_TABLE => {
-                    // Checked here (shape, dtype, a computed table's parameters); held
-                    // as it is stored, never copied whole.
-                    self.weights.pos_table(
-                        POS_TABLE,
-                        self.config.pos_embed_max_size,
-                        self.config.hidden_size(),
-                    )?;
-                }
-                Required::Plain { name, shape } => {
-                    let data = self.weights.f32_tensor(&name, &shape)?;
-                    if name.starts_with("transformer_blocks.") {
-                        let t = self.backend.upload(&data, 1, data.len())?;
-                        norms.insert(name.clone(), t);
-                    }
-                    small.insert(name, data);
-                }
-            }
+        let mut sink = Upload::new(&self.backend, &self.weights);
+        let mut blocks = Vec::new();
+        for i in spec.kept_blocks(self.config.num_layers) {
+            let mask = spec.mask(i);
+            let old = self.blocks.iter().find(|b| b.index == i && b.mask == mask);
+            blocks.push(match old {
+                Some(b) => Arc::clone(b),
+                None => Arc::new(BlockLayers::load(&self.config, i, mask, &mut sink)?),
+            });
         }
-        for name in reuse {
-            if let Some(l) = self.layers.remove(&name) {
-                fresh.insert(name, l);
-            }
-        }
-        self.layers = fresh;
-        self.norms = norms;
-        self.small = small;
+        self.blocks = blocks;
         self.spec = spec;
         Ok(())
     }
@@ -247,34 +268,25 @@ impl<B: Backend> Mmdit<B> {
         &self.weights
     }
 
+    /// The weights, shareable with another model (see [`Mmdit::with_shared_weights`]).
+    pub fn shared_weights(&self) -> &Arc<Weights> {
+        &self.weights
+    }
+
     /// The backend the model runs on.
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
-    /// A cached f32 host tensor (checked present by `set_prune`).
-    pub(crate) fn small(&self, name: &str) -> Result<&[f32]> {
-        self.small
-            .get(name)
-            .map(Vec::as_slice)
-            .ok_or_else(|| Error::MissingTensor {
-                tensor: name.to_string(),
-            })
+    /// The kept blocks in execution order.
+    #[cfg(feature = "compress")]
+    pub(crate) fn blocks(&self) -> &[Arc<Block<B>>] {
+        &self.blocks
     }
 
-    /// A qk-norm weight on the backend (uploaded by `set_prune`).
-    pub(crate) fn norm_weight(&self, name: &str) -> Result<&B::Tensor> {
-        self.norms.get(name).ok_or_else(|| Error::MissingTensor {
-            tensor: name.to_string(),
-        })
-    }
-
-    /// `x [m, k] -> [m, n]` through the uploaded linear layer `name` with its bias.
-    pub(crate) fn lin(&self, name: &str, x: &B::Tensor) -> Result<B::Tensor> {
-        let layer = self.layers.get(name).ok_or_else(|| Error::MissingTensor {
-            tensor: format!("{name}.weight"),
-        })?;
-        self.backend.linear(x, layer)
+    /// Bytes of the weights the model runs, by storage (see [`WeightBytes`]).
+    pub fn weight_bytes(&self) -> Result<WeightBytes> {
+        WeightBytes::count(&self.weights, &self.config, &self.spec)
     }
 
     /// Runs the transformer: the velocity prediction `[B, out_channels, H, W]`.
@@ -286,22 +298,20 @@ impl<B: Backend> Mmdit<B> {
             silu_temb,
         } = self.embed(inputs, &dims)?;
 
-        let kept = self.spec.kept_blocks(self.config.num_layers);
-        for (pos, &i) in kept.iter().enumerate() {
-            let last_kept = pos + 1 == kept.len();
-            self.block(i, last_kept, &mut x, &mut c, &silu_temb, &dims)?;
+        for (pos, block) in self.blocks.iter().enumerate() {
+            let last_kept = pos + 1 == self.blocks.len();
+            self.block(block, last_kept, &mut x, &mut c, &silu_temb, &dims)?;
         }
 
-        // Final AdaLayerNormContinuous: chunk 0 is the scale, chunk 1 the shift.
         let be = &self.backend;
-        let m = self.lin("norm_out.linear", &silu_temb)?;
-        let (shift, scale) = (be.column_chunk(&m, 2, 1)?, be.column_chunk(&m, 2, 0)?);
+        let m = be.linear(&silu_temb, &self.top.norm_out)?;
+        let (shift, scale) = continuous_chunks(be, &m)?;
         let modulation = Modulation {
             shift: &shift,
             scale: &scale,
         };
         let nx = be.layer_norm_modulate(&x, Some(modulation), NORM_EPS)?;
-        let y = self.lin("proj_out", &nx)?;
+        let y = be.linear(&nx, &self.top.proj_out)?;
         Ok(self.unpatchify(&be.download(&y)?, &dims))
     }
 
@@ -313,9 +323,7 @@ impl<B: Backend> Mmdit<B> {
         dims: &Dims,
     ) -> Result<Streams<B::Tensor>> {
         let be = &self.backend;
-        let d = self.config.hidden_size();
         let x = self.embed_patches(inputs.hidden_states, dims)?;
-        let x = be.upload(&x, dims.batch * dims.n_img, d)?;
         let mut silu_temb =
             self.embed_conditioning(inputs.timestep, inputs.pooled_projections, dims.batch)?;
         be.silu(&mut silu_temb)?;
@@ -324,13 +332,13 @@ impl<B: Backend> Mmdit<B> {
             dims.batch * dims.n_ctx,
             self.config.joint_attention_dim,
         )?;
-        let c = self.lin("context_embedder", &ehs)?;
+        let c = be.linear(&ehs, &self.top.context_embedder)?;
         Ok(Streams { x, c, silu_temb })
     }
 
-    /// Patches `[B*N, C*p*p]` in (c, py, px) order, through the patch convolution, plus
-    /// the centre crop of the positional table.
-    pub(crate) fn embed_patches(&self, hs: &Tensor, dims: &Dims) -> Result<Vec<f32>> {
+    /// Patches `[B*N, C*p*p]` in (c, py, px) order (cut on the host), through the patch
+    /// convolution, plus the centre crop of the positional table, on the backend.
+    pub(crate) fn embed_patches(&self, hs: &Tensor, dims: &Dims) -> Result<B::Tensor> {
         let cfg = &self.config;
         let (p, cin, d) = (cfg.patch_size, cfg.in_channels, cfg.hidden_size());
         let (gh, gw) = (dims.h / p, dims.w / p);
@@ -349,22 +357,11 @@ impl<B: Backend> Mmdit<B> {
                 }
             }
         }
-        let conv = self.small("pos_embed.proj.weight")?;
-        let w = LinearWeights::dense(DenseData::F32(conv), d, kk)?;
-        let mut x = vec![0.0f32; dims.batch * dims.n_img * d];
-        linear(
-            &patches,
-            dims.batch * dims.n_img,
-            &w,
-            Some(self.small("pos_embed.proj.bias")?),
-            &mut x,
-        )?;
-        let crop = self.pos_crop(gh, gw)?;
-        for b in 0..dims.batch {
-            for (i, t) in crop.chunks_exact(d).enumerate() {
-                ops::add_assign(&mut x[(b * gh * gw + i) * d..][..d], t)?;
-            }
-        }
+        let be = &self.backend;
+        let rows = dims.batch * dims.n_img;
+        let mut x = be.linear(&be.upload(&patches, rows, kk)?, &self.top.patch_conv)?;
+        let crop = self.pos_crop(gh, gw)?.repeat(dims.batch);
+        be.add_assign(&mut x, &be.upload(&crop, rows, d)?)?;
         Ok(x)
     }
 
@@ -379,19 +376,6 @@ impl<B: Backend> Mmdit<B> {
         table.crop(top, left, gh, gw)
     }
 
-    /// Bytes of the host-side tensors the model holds besides the linear layers: the
-    /// f32 copies of the patch convolution and qk-norm weights, plus the positional
-    /// table as held (its stored bytes; 0 when it is computed).
-    pub fn host_tensor_bytes(&self) -> Result<u64> {
-        let copies: u64 = self.small.values().map(|v| 4 * v.len() as u64).sum();
-        let table = self.weights.pos_table(
-            POS_TABLE,
-            self.config.pos_embed_max_size,
-            self.config.hidden_size(),
-        )?;
-        Ok(copies + table.held_bytes())
-    }
-
     /// `temb [B, D]` = timestep MLP of the sinusoidal embedding + pooled-text MLP.
     pub(crate) fn embed_conditioning(
         &self,
@@ -402,13 +386,15 @@ impl<B: Backend> Mmdit<B> {
         let be = &self.backend;
         let sin = timestep_embedding(&t.data, TIMESTEP_CHANNELS);
         let sin = be.upload(&sin, batch, TIMESTEP_CHANNELS)?;
-        let mut h = self.lin("time_text_embed.timestep_embedder.linear_1", &sin)?;
+        let [t1, t2] = &self.top.timestep;
+        let mut h = be.linear(&sin, t1)?;
         be.silu(&mut h)?;
-        let mut temb = self.lin("time_text_embed.timestep_embedder.linear_2", &h)?;
+        let mut temb = be.linear(&h, t2)?;
         let pooled = be.upload(&pooled.data, batch, self.config.pooled_projection_dim)?;
-        let mut g = self.lin("time_text_embed.text_embedder.linear_1", &pooled)?;
+        let [p1, p2] = &self.top.text;
+        let mut g = be.linear(&pooled, p1)?;
         be.silu(&mut g)?;
-        let g = self.lin("time_text_embed.text_embedder.linear_2", &g)?;
+        let g = be.linear(&g, p2)?;
         be.add_assign(&mut temb, &g)?;
         Ok(temb)
     }
@@ -437,6 +423,16 @@ impl<B: Backend> Mmdit<B> {
         }
         out
     }
+}
+
+/// The (shift, scale) of an AdaLayerNormContinuous modulation `m [batch, 2D]`, which
+/// stores the scale first (the final layer, and a `context_pre_only` block's context
+/// modulation).
+pub(crate) fn continuous_chunks<B: Backend>(
+    be: &B,
+    m: &B::Tensor,
+) -> Result<(B::Tensor, B::Tensor)> {
+    Ok((be.column_chunk(m, 2, 1)?, be.column_chunk(m, 2, 0)?))
 }
 
 /// diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`: for

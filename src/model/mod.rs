@@ -1,10 +1,13 @@
 //! The MMDiT model (diffusers' `SD3Transformer2DModel`): configuration, weights,
 //! run-time pruning, the forward pass and the flow-matching sampler.
 
+pub mod any;
 mod block;
 pub mod config;
 mod inputs;
+mod layers;
 pub mod layout;
+pub mod memory;
 pub mod mmdit;
 pub mod pos_embed;
 pub mod prune;
@@ -12,7 +15,9 @@ pub mod sampler;
 pub mod tensor;
 pub mod weights;
 
+pub use any::{AnyModel, Built, DeviceChoice};
 pub use config::MmditConfig;
+pub use memory::WeightBytes;
 pub use mmdit::{Mmdit, MmditInputs};
 pub use prune::{BlockMask, PruneSpec};
 pub use sampler::{SampleOptions, flow_match_schedule, sample, sample_cancellable};

@@ -21,11 +21,10 @@ use rayon::prelude::*;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::backend::LinearSource;
-use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::error::{Error, Result};
 use crate::format::{Dtype, Package, Precision, TensorView};
 use crate::model::tensor::{Tensor, floats_to_f32};
-use crate::quant::Q4Matrix;
+use crate::quant::{DenseData, LinearWeights, Q4Matrix};
 
 /// Name of the positional table of the patch embedding, `[1, grid * grid, D]`.
 pub const POS_TABLE: &str = "pos_embed.pos_embed";

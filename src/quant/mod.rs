@@ -22,10 +22,12 @@ pub mod bnb;
 pub mod nf4;
 pub mod reference;
 pub mod rtn;
+pub mod view;
 
 pub use bnb::import_bnb_nf4;
 pub use nf4::{NF4_DEFAULT_BLOCK, quantize_nf4, quantize_nf4_row};
 pub use rtn::{Int4Options, quantize_int4, quantize_int4_row};
+pub use view::{DenseData, LinearWeights};
 
 use half::f16;
 

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use super::attention::{AttentionShape, attention};
-use super::linear::{DenseData, LinearWeights, linear};
+use super::linear::linear;
 use super::ops;
 use crate::backend::{Activation, Backend, Device, LinearLayer, LinearSource, Modulation};
 use crate::error::{Error, Result};
+use crate::quant::{DenseData, LinearWeights};
 
 /// The CPU backend: f32 activations in host memory, kernels threaded on the current
 /// rayon pool with the fastest SIMD path of this CPU.

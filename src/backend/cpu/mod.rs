@@ -6,16 +6,12 @@ pub mod attention;
 pub mod backend;
 pub mod gemv;
 pub mod int8;
-#[cfg(target_arch = "x86_64")]
-mod int8_x86;
 pub mod linear;
 pub mod membw;
 pub mod ops;
 mod panel;
 pub mod path;
-#[cfg(target_arch = "x86_64")]
-mod simd_x86;
 
 pub use backend::{CpuBackend, CpuLinear, CpuTensor};
-pub use linear::{DenseData, LinearWeights, linear, linear_with_path};
+pub use linear::{linear, linear_with_path};
 pub use path::KernelPath;

@@ -13,10 +13,10 @@ use half::f16;
 use super::device::{CudaDevice, CudaTensorF16};
 use super::launch::{self, sys};
 use super::linear::{CudaDenseLinear, CudaQ4Linear};
-use crate::backend::cpu::{DenseData, LinearWeights};
 use crate::backend::{Activation, Backend, Device, LinearLayer, LinearSource, Modulation};
 use crate::error::{Error, Result};
 use crate::quant::Q4Weights;
+use crate::quant::{DenseData, LinearWeights};
 
 /// The head widths the attention kernel is compiled for.
 pub const ATTENTION_HEAD_DIMS: &[usize] = &[8, 16, 32, 64, 128];

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use half::f16;
-use hiprune::backend::cpu::{DenseData, KernelPath, LinearWeights, int8, linear, membw};
+use hiprune::backend::cpu::{KernelPath, int8, linear, membw};
 use hiprune::model::layout::{Required, required_tensors};
 use hiprune::model::{MmditConfig, PruneSpec};
+use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::quant::{Q4Kind, Q4Weights};
 use hiprune::{Error, Result};
 use rand::rngs::StdRng;

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use clap::Args;
 use hiprune::backend::Backend;
-use hiprune::backend::cpu::{DenseData, LinearWeights};
 use hiprune::compress::quantize::{CompressOptions, WeightFormat};
 use hiprune::compress::{
     GenerateOptions, PlanOptions, PlanTarget, Preset, compress_checkpoint, generate_checkpoint,
@@ -21,7 +20,8 @@ use hiprune::compress::{
 use hiprune::format::Package;
 use hiprune::model::layout::{Required, required_tensors};
 use hiprune::model::sampler::{Conditioning, initial_latent};
-use hiprune::model::{Mmdit, MmditConfig, PruneSpec, SampleOptions, Tensor, sample};
+use hiprune::model::{Mmdit, MmditConfig, PruneSpec, SampleOptions, Tensor, WeightBytes, sample};
+use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::{Error, Result};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -872,46 +872,29 @@ fn touch(bytes: &[u8]) -> u64 {
     bytes.iter().step_by(4096).map(|&b| b as u64).sum()
 }
 
-/// Bytes of the linear weights as stored and of the other tensors' f32 copies, the
-/// number of linear layers per storage, with every weight page touched.
-fn weight_bytes<B: Backend>(model: &Mmdit<B>) -> Result<(u64, u64, BTreeMap<String, usize>)> {
-    let mut linear_bytes = 0u64;
-    let mut other = 0u64;
-    let mut formats = BTreeMap::new();
+/// The weight bytes of `model` (the count `inspect` and the C ABI report too), with
+/// every linear weight page touched so that the resident set holds them before
+/// sampling.
+fn weight_bytes<B: Backend>(model: &Mmdit<B>) -> Result<WeightBytes> {
     let mut sink = 0u64;
     for req in required_tensors(model.config(), model.prune_spec()) {
-        match req {
-            Required::Linear { name, n, k } => {
-                let (bytes, format) = match model.weights().linear(&name, n, k)? {
-                    LinearWeights::Dense { data, .. } => {
-                        let (raw, f): (&[u8], &str) = match data {
-                            DenseData::F32(d) => (bytemuck::cast_slice(d), "f32"),
-                            DenseData::F16(d) => (bytemuck::cast_slice(d), "f16"),
-                            DenseData::Bf16(d) => (bytemuck::cast_slice(d), "bf16"),
-                        };
-                        sink += touch(raw);
-                        (raw.len() as u64, f.to_string())
-                    }
-                    LinearWeights::Q4(q) => {
-                        sink += touch(q.packed());
-                        sink += touch(bytemuck::cast_slice(q.scales()));
-                        sink += touch(bytemuck::cast_slice(q.offsets()));
-                        (q.nbytes() as u64, format!("{} g{}", q.kind(), q.group()))
-                    }
-                };
-                linear_bytes += bytes;
-                *formats.entry(format).or_insert(0) += 1;
-                other += 4 * n as u64;
-            }
-            // Counted below as the model holds them.
-            Required::Plain { .. } => {}
+        if let Required::Linear { name, n, k } = req {
+            sink += match model.weights().linear(&name, n, k)? {
+                LinearWeights::Dense { data, .. } => touch(match data {
+                    DenseData::F32(d) => bytemuck::cast_slice(d),
+                    DenseData::F16(d) => bytemuck::cast_slice(d),
+                    DenseData::Bf16(d) => bytemuck::cast_slice(d),
+                }),
+                LinearWeights::Q4(q) => {
+                    touch(q.packed())
+                        + touch(bytemuck::cast_slice(q.scales()))
+                        + touch(bytemuck::cast_slice(q.offsets()))
+                }
+            };
         }
     }
-    // The patch convolution and qk-norm weights (f32 copies) and the positional table
-    // as held: its stored bytes, or nothing when it is computed.
-    other += model.host_tensor_bytes()?;
     std::hint::black_box(sink);
-    Ok((linear_bytes, other, formats))
+    model.weight_bytes()
 }
 
 /// Runs the hidden `bench model-run`: measures one model and prints its [`ModelRun`]
@@ -960,7 +943,9 @@ fn measure_model<B: Backend>(
     let load_s = t.elapsed().as_secs_f64();
     let cfg = model.config().clone();
     let side = latent_side(&cfg, args.resolution)?;
-    let (linear_weight_bytes, other_weight_bytes, linear_formats) = weight_bytes(&model)?;
+    let bytes = weight_bytes(&model)?;
+    let (linear_weight_bytes, other_weight_bytes) = (bytes.linear(), bytes.other);
+    let linear_formats = bytes.layers;
     let rss_before = proc_status_bytes("VmRSS");
 
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0xc0de);

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use hiprune::Result;
-use hiprune::backend::{Backend, Device};
-use hiprune::model::{Mmdit, MmditInputs, PruneSpec, TensorFile, write_tensors};
+use hiprune::backend::Device;
+use hiprune::model::{AnyModel, MmditInputs, PruneSpec, TensorFile, write_tensors};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -29,27 +29,6 @@ pub struct ModelArgs {
     pub remove_blocks: String,
 }
 
-/// Calls `$run(model)` with the model of `$args` ([`ModelArgs`]) loaded on the backend
-/// `--backend` names. A build without the `cuda` feature asks the CPU backend for the
-/// CUDA device, which fails with a message saying how to rebuild.
-macro_rules! with_model {
-    ($args:expr, $run:expr) => {{
-        let args: &$crate::forward::ModelArgs = $args;
-        match args.device() {
-            ::hiprune::backend::Device::Cpu => $run(args.load::<::hiprune::backend::CpuBackend>()?),
-            #[cfg(feature = "cuda")]
-            ::hiprune::backend::Device::Cuda(_) => {
-                $run(args.load::<::hiprune::backend::cuda::CudaBackend>()?)
-            }
-            #[cfg(not(feature = "cuda"))]
-            ::hiprune::backend::Device::Cuda(_) => {
-                $run(args.load::<::hiprune::backend::CpuBackend>()?)
-            }
-        }
-    }};
-}
-pub(crate) use with_model;
-
 impl ModelArgs {
     /// The device `--backend` names.
     pub fn device(&self) -> Device {
@@ -59,11 +38,12 @@ impl ModelArgs {
         }
     }
 
-    /// Loads the model on the backend `B` (opened on [`ModelArgs::device`]) with the
-    /// extra removed blocks.
-    pub fn load<B: Backend>(&self) -> Result<Mmdit<B>> {
+    /// Loads the model on [`ModelArgs::device`] with the extra removed blocks. A build
+    /// without the `cuda` feature refuses `--backend cuda` with a message saying how to
+    /// rebuild.
+    pub fn load(&self) -> Result<AnyModel> {
         let extra = PruneSpec::parse_block_list(&self.remove_blocks)?;
-        let mut model: Mmdit<B> = Mmdit::load_on(&self.model, self.device())?;
+        let mut model = AnyModel::load_on(&self.model, self.device())?;
         if !extra.is_empty() {
             let mut spec = model.prune_spec().clone();
             spec.removed_blocks.extend(extra);
@@ -89,11 +69,7 @@ pub struct ForwardArgs {
 
 /// Runs `hiprune forward`.
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    with_model!(&args.model, |model| forward_on(args, &model))
-}
-
-/// `hiprune forward` on a loaded model.
-fn forward_on<B: Backend>(args: &ForwardArgs, model: &Mmdit<B>) -> Result<()> {
+    let model = args.model.load()?;
     let inputs = TensorFile::open(&args.inputs)?;
     let out = model.forward(&MmditInputs {
         hidden_states: inputs.get("hidden_states")?,

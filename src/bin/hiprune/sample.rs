@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use hiprune::backend::Backend;
-use hiprune::model::sampler::{Conditioning, SampleOptions, initial_latent, sample};
-use hiprune::model::{Mmdit, TensorFile, write_tensors};
+use hiprune::model::TensorFile;
+use hiprune::model::sampler::{Conditioning, SampleOptions, initial_latent};
+use hiprune::model::write_tensors;
 use hiprune::{Error, Result};
 
 use crate::forward::{ModelArgs, report_written};
@@ -49,11 +49,7 @@ pub struct SampleArgs {
 
 /// Runs `hiprune sample`.
 pub fn run(args: &SampleArgs) -> Result<()> {
-    crate::forward::with_model!(&args.model, |model| sample_on(args, &model))
-}
-
-/// `hiprune sample` on a loaded model.
-fn sample_on<B: Backend>(args: &SampleArgs, model: &Mmdit<B>) -> Result<()> {
+    let model = args.model.load()?;
     let inputs = TensorFile::open(&args.inputs)?;
     let ehs = inputs.get("encoder_hidden_states")?;
     let guided = args.guidance.is_some_and(|g| g > 1.0);
@@ -95,7 +91,7 @@ fn sample_on<B: Backend>(args: &SampleArgs, model: &Mmdit<B>) -> Result<()> {
         guidance: args.guidance,
     };
     let start = Instant::now();
-    let out = sample(model, latent, &cond, &opts, |i, n, sigma| {
+    let out = model.sample(latent, &cond, &opts, |i, n, sigma| {
         eprintln!(
             "step {}/{} sigma {sigma:.6} ({:.2} s)",
             i + 1,

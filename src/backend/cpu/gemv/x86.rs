@@ -1,11 +1,11 @@
 //! x86_64 kernels: AVX2 + FMA and AVX-512 versions of the fused 4-bit dequant-GEMV.
 //!
-//! See [`super::gemv`] for the data layout they share. Every function here enables its
+//! See [the parent module](super) for the data layout they share. Every function here enables its
 //! CPU features with `#[target_feature]`; callers must have checked them at run time.
 
 use std::arch::x86_64::*;
 
-use super::gemv::{CHUNK, GemvTask, M_TILE, N_BLOCK};
+use super::{CHUNK, GemvTask, M_TILE, N_BLOCK};
 
 /// Calls `$row::<MT, CPG, ...>` for the runtime tile height `$mt` and chunks per group
 /// `$cpg`, so that both loops are unrolled at compile time.
@@ -38,7 +38,7 @@ pub(crate) const CHUNK512: usize = 128;
 /// `k = 8l .. 8l + 8` of the chunk, and nibble plane `j` is isolated with one shift and
 /// decoded with one permute from a 16-float codebook register (the INT4 codebook is
 /// `0..=15`, so both kinds share the code). `x` must therefore be in the matching
-/// order ([`super::gemv`]'s 128-element layout: element `j * 16 + l` of a chunk is
+/// order ([the parent module](super)'s 128-element layout: element `j * 16 + l` of a chunk is
 /// `x[8l + j]`). A group (32, 64 or 128) is a whole number of lanes, so each lane gets
 /// its group's scale through one permute per chunk. Rows are processed in blocks of
 /// [`N_BLOCK`] over slices of `K` whose activations fit in L1.

@@ -33,6 +33,9 @@ use crate::backend::cpu::path::KernelPath;
 use crate::error::{Error, Result};
 use crate::quant::{Q4Kind, Q4Weights};
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// Width along K of the blocks over which [`QuantizedActivations`] keeps sums of the
 /// int8 values; it divides every INT4 group size.
 pub const SUM_BLOCK: usize = 32;
@@ -428,14 +431,12 @@ impl Panel {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if matches!(path, KernelPath::Avx512 | KernelPath::Avx512Vnni)
-            && super::int8_x86::gather_fits(w)
-        {
+        if matches!(path, KernelPath::Avx512 | KernelPath::Avx512Vnni) && x86::gather_fits(w) {
             // SAFETY: the caller only passes a path from `KernelPath::available()`, so
             // AVX-512F is present; `n0 + valid <= N` and the buffer holds K * PANEL_N
             // bytes, which is what `unpack_panel_avx512` requires.
             unsafe {
-                super::int8_x86::unpack_panel_avx512(w, n0, valid, &mut self.codes);
+                x86::unpack_panel_avx512(w, n0, valid, &mut self.codes);
             }
             return;
         }
@@ -593,9 +594,7 @@ impl GemmCtx<'_> {
                 // public functions); `x` holds `rows * K` values, `xsum` `rows * K/G`,
                 // the panel `K * PANEL_N` codes and `K/G * PANEL_N` scales and offsets,
                 // and `rows` is at most the path's height, as the kernels require.
-                unsafe {
-                    super::int8_x86::micro(self.path, panel, rows, x, k, xsum, gpr, group, out)
-                };
+                unsafe { x86::micro(self.path, panel, rows, x, k, xsum, gpr, group, out) };
             }
             _ => micro_portable(panel, rows, x, k, xsum, gpr, group, out),
         }

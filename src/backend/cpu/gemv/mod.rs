@@ -22,6 +22,9 @@ use super::path::KernelPath;
 use crate::error::Result;
 use crate::quant::Q4Weights;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
 /// Elements of `K` covered by one chunk of 16 packed bytes.
 pub(crate) const CHUNK: usize = 32;
 /// Rows of `x` that share one decoded weight chunk.
@@ -192,13 +195,13 @@ fn run_rows(path: KernelPath, task: &GemvTask<'_>, n0: usize, out: &mut [f32]) {
             // SAFETY: `gemv_q4` only dispatches here after `KernelPath::available()`
             // reported AVX2 and FMA on this CPU, the features the kernel enables; the
             // task's buffers were length-checked there.
-            unsafe { super::simd_x86::gemv_rows_avx2(task, n0, out) }
+            unsafe { x86::gemv_rows_avx2(task, n0, out) }
         }
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx512 | KernelPath::Avx512Vnni => {
             // SAFETY: as above, AVX-512 F/BW/VL/DQ were reported by
             // `KernelPath::available()` before dispatch.
-            unsafe { super::simd_x86::gemv_rows_avx512(task, n0, out) }
+            unsafe { x86::gemv_rows_avx512(task, n0, out) }
         }
         _ => gemv_rows_portable(task, n0, out),
     }

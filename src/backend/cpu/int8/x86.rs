@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::int8::{Line, MAX_MR, PANEL_N, Panel};
+use super::{Line, MAX_MR, PANEL_N, Panel};
 use crate::backend::cpu::path::KernelPath;
 use crate::quant::Q4Weights;
 
