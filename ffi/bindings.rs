@@ -205,6 +205,36 @@ unsafe extern "C" {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct hp_context_info {
+    pub struct_size: usize,
+    pub backend: i32,
+    pub device: i32,
+    pub n_threads: u32,
+    pub fell_back: bool,
+    pub fallback_reason: [::std::os::raw::c_char; 256usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of hp_context_info"][::std::mem::size_of::<hp_context_info>() - 280usize];
+    ["Alignment of hp_context_info"][::std::mem::align_of::<hp_context_info>() - 8usize];
+    ["Offset of field: hp_context_info::struct_size"]
+        [::std::mem::offset_of!(hp_context_info, struct_size) - 0usize];
+    ["Offset of field: hp_context_info::backend"]
+        [::std::mem::offset_of!(hp_context_info, backend) - 8usize];
+    ["Offset of field: hp_context_info::device"]
+        [::std::mem::offset_of!(hp_context_info, device) - 12usize];
+    ["Offset of field: hp_context_info::n_threads"]
+        [::std::mem::offset_of!(hp_context_info, n_threads) - 16usize];
+    ["Offset of field: hp_context_info::fell_back"]
+        [::std::mem::offset_of!(hp_context_info, fell_back) - 20usize];
+    ["Offset of field: hp_context_info::fallback_reason"]
+        [::std::mem::offset_of!(hp_context_info, fallback_reason) - 21usize];
+};
+unsafe extern "C" {
+    pub fn hp_context_get_info(ctx: *const hp_context, out: *mut hp_context_info) -> hp_status;
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct hp_dims {
     pub batch: usize,
     pub height: usize,

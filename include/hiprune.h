@@ -264,10 +264,17 @@ HP_API hp_context_params hp_context_default_params(void);
 /* Creates a context: a backend with the model's weights and a thread pool of
  * params->n_threads workers. params NULL means the defaults. On failure *out_ctx is
  * set to NULL.
+ * HP_BACKEND_CPU runs the model loaded by hp_model_load (no copy). HP_BACKEND_CUDA
+ * uploads the weights to CUDA device params->device (4-bit layers stay 4-bit). With
+ * HP_BACKEND_AUTO the context runs on CUDA device params->device when this build has
+ * CUDA and that device is usable, otherwise on the CPU; hp_context_get_info says which
+ * and why, and a broken model is an error either way.
  * Returns HP_OK, HP_ERR_INVALID_HANDLE (model), HP_ERR_INVALID_ARGUMENT (out_ctx
  * NULL, struct_size too small, unknown backend, negative device, device != 0 on the
- * CPU), HP_ERR_BACKEND_UNAVAILABLE (HP_BACKEND_CUDA in a build without CUDA or with
- * no such device), HP_ERR_INTERNAL (the thread pool could not start). */
+ * CPU), HP_ERR_BACKEND_UNAVAILABLE (HP_BACKEND_CUDA in a build without CUDA: the
+ * message says "not built with CUDA"; or with no usable driver or device: "no usable
+ * CUDA device"), HP_ERR_INVALID_MODEL (the device refused the weights),
+ * HP_ERR_INTERNAL (the thread pool could not start). */
 HP_API hp_status hp_context_create(const hp_model *model, const hp_context_params *params,
                                    hp_context **out_ctx);
 
@@ -275,6 +282,27 @@ HP_API hp_status hp_context_create(const hp_model *model, const hp_context_param
  * Returns HP_OK, HP_ERR_INVALID_HANDLE (already freed, not a context), HP_ERR_BUSY
  * (running in another thread; nothing is freed). */
 HP_API hp_status hp_context_free(hp_context *ctx);
+
+/* What a context runs on. */
+typedef struct hp_context_info {
+    size_t struct_size;
+    /* The hp_backend the context runs: HP_BACKEND_CPU or HP_BACKEND_CUDA, never
+     * HP_BACKEND_AUTO. */
+    int32_t backend;
+    /* The CUDA device index; 0 on the CPU. */
+    int32_t device;
+    /* Worker threads of the context's thread pool. */
+    uint32_t n_threads;
+    /* true when HP_BACKEND_AUTO was asked for and the context fell back to the CPU. */
+    bool fell_back;
+    /* Why it fell back (NUL-terminated, cut to fit); empty when it did not. */
+    char fallback_reason[256];
+} hp_context_info;
+
+/* Fills *out (set out->struct_size first) with what ctx runs on.
+ * Returns HP_OK, HP_ERR_INVALID_HANDLE, HP_ERR_INVALID_ARGUMENT (out NULL,
+ * struct_size too small). */
+HP_API hp_status hp_context_get_info(const hp_context *ctx, hp_context_info *out);
 
 /* Sizes of one call. The other dimensions come from the model (hp_model_info). */
 typedef struct hp_dims {

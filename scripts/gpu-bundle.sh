@@ -4,6 +4,8 @@
 #
 #   .gpu-bundle/tests/cuda_*     the CUDA integration-test executables (release)
 #   .gpu-bundle/hiprune          the CLI, for `hiprune bench kernels|model --backend cuda`
+#   .gpu-bundle/c/               ffi/tests/backends.c built against this build's
+#                                libhiprune.so, with a package and forward inputs
 #   .gpu-bundle/manifest.txt     revision, archs and sizes
 #
 # nvcc is found as build.rs finds it (NVCC, CUDA_HOME, CUDA_PATH, PATH);
@@ -34,8 +36,24 @@ echo "==> cargo build --release --features cuda --bin hiprune"
 cargo build --release --features cuda --bin hiprune
 cp target/release/hiprune "$bundle/hiprune"
 
+# The C interface on the GPU: ffi/tests/backends.c against the shared library of this
+# CUDA build (found beside it through $ORIGIN), with the package and inputs the C tests
+# make (tests/ffi_c.rs writes them while it runs).
+echo "==> the C backend test (ffi/tests/backends.c) against the CUDA shared library"
+cargo test --release --features cuda --test ffi_c backend_choice >"$bundle/c-build.log" 2>&1 || {
+    cat "$bundle/c-build.log" >&2
+    exit 1
+}
+mkdir -p "$bundle/c/inputs"
+cp target/release/deps/libhiprune.so "$bundle/c/"
+cp target/tmp/ffi_c/sd35.hpk "$bundle/c/"
+cp target/tmp/ffi_c/fwd_* "$bundle/c/inputs/"
+cc -std=c99 -Wall -Wextra -Werror -DHP_TEST_CUDA_BUILD=1 -Iinclude -Iffi/tests \
+    ffi/tests/backends.c -o "$bundle/c/backends" -L"$bundle/c" -lhiprune -lm \
+    '-Wl,-rpath,$ORIGIN'
+
 # Line tables are not needed on the GPU machine; the carried bundle stays small.
-strip --strip-debug "$bundle"/hiprune "$bundle"/tests/* 2>/dev/null || true
+strip --strip-debug "$bundle"/hiprune "$bundle"/tests/* "$bundle"/c/libhiprune.so 2>/dev/null || true
 
 ptxas_log=$(ls -t target/release/build/hiprune-*/out/ptxas.log 2>/dev/null | head -1 || true)
 [ -n "$ptxas_log" ] && cp "$ptxas_log" "$bundle/ptxas.log"
@@ -44,7 +62,7 @@ ptxas_log=$(ls -t target/release/build/hiprune-*/out/ptxas.log 2>/dev/null | hea
     echo "revision: $(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':!.gpu-bundle' || echo -dirty)"
     echo "archs: ${HIPRUNE_CUDA_ARCHS:-87;90}"
     echo "built: $(date -u +%Y-%m-%dT%H:%MZ)"
-    (cd "$bundle" && du -b hiprune tests/*)
+    (cd "$bundle" && du -b hiprune tests/* c/*)
 } >"$bundle/manifest.txt"
 cat "$bundle/manifest.txt"
 echo "total: $(du -sh "$bundle" | cut -f1)"

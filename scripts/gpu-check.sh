@@ -6,12 +6,14 @@
 #   1. nvidia-smi (the card as found; no settings are changed)
 #   2. every bundled CUDA test executable, with HIPRUNE_REQUIRE_GPU=1 (a missing
 #      device fails instead of skipping)
-#   3. hiprune bench kernels --backend cuda: INT4/NF4 against cuBLAS f16 on every
+#   3. the C interface test ffi/tests/backends.c: HP_BACKEND_CUDA and HP_BACKEND_AUTO
+#      run a forward on the GPU and match the CPU context within the CUDA tolerance
+#   4. hiprune bench kernels --backend cuda: INT4/NF4 against cuBLAS f16 on every
 #      SD3.5-Large linear shape at M = 1, 8, 4096 (CSV kept in the logs)
-#   4. hiprune bench model --backend cuda: a tiny probe first, then the
+#   5. hiprune bench model --backend cuda: a tiny probe first, then the
 #      SD3.5-Large-shaped model at 1024x1024 with the paper's cut (blocks 25-28 and
 #      31-34 removed), INT4 against the dense f16 original in one run (seeded weights generated on the spot, in HIPRUNE_BENCH_TMP)
-#   5. a summary: steps, then the kernel table (shape, M, time, GB/s, TFLOP/s, ratio
+#   6. a summary: steps, then the kernel table (shape, M, time, GB/s, TFLOP/s, ratio
 #      to cuBLAS), last
 #
 # Logs go to $OUT (or ./gpu-check-logs). Every step runs under `timeout`, capped by
@@ -77,6 +79,12 @@ for exe in "$bundle"/tests/cuda_*; do
     step "$(basename "$exe")" 150 "$exe" --test-threads=4 --nocapture || failed=1
 done
 
+# The C interface: HP_BACKEND_CUDA and HP_BACKEND_AUTO from C run on the GPU and match
+# the CPU context within the CUDA tolerance.
+if [ -x "$bundle/c/backends" ]; then
+    step c-backends-cuda 60 "$bundle/c/backends" "$bundle/c/sd35.hpk" "$bundle/c/inputs" || failed=1
+fi
+
 # Kernel benchmark: CSV to its own file (the table is printed from it at the end),
 # progress to the log.
 bench_csv="$logs/bench-kernels-cuda.csv"
@@ -117,6 +125,7 @@ for exe in "$bundle"/tests/cuda_*; do
     name=$(basename "$exe")
     grep -hE "^test result|worst relative error|^test .* FAILED" "$logs/$name.log" 2>/dev/null | sed "s/^/$name: /"
 done
+grep -hE "vs CPU|^FAIL|passed" "$logs/c-backends-cuda.log" 2>/dev/null | sed "s/^/c-backends-cuda: /"
 if [ -f "$logs/bench-model-sd35-large-cuda.log" ]; then
     echo
     grep -E "^(dense|compressed|reduction)" "$logs/bench-model-sd35-large-cuda.log"

@@ -335,6 +335,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the error says the device asked for cannot be used here (not compiled
+    /// in, no driver, no such device), as opposed to a broken model or input: the
+    /// cases where an automatic device choice falls back to the CPU.
+    pub fn is_device_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::NoCudaDevice { .. } | Error::BackendNotCompiled { .. }
+        )
+    }
+
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

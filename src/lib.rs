@@ -9,6 +9,8 @@
 //! the runtime side of that idea plus the host-side toolchain that produces its
 //! packages:
 //!
+//! - [`config`]: [`MmditConfig`](config::MmditConfig), the architecture of an MMDiT
+//!   transformer (a diffusers `config.json`), shared by the package format and the model.
 //! - [`quant`]: the 4-bit weight formats (INT4 with a per-group scale, symmetric, or
 //!   with scale and offset; NF4 with per-block absmax), their quantisers and an `f64`
 //!   reference used by the tests.
@@ -29,6 +31,7 @@
 pub mod backend;
 #[cfg(feature = "compress")]
 pub mod compress;
+pub mod config;
 pub mod error;
 mod ffi;
 pub mod format;

@@ -93,7 +93,7 @@ struct Setup {
     dir: PathBuf,
     package: PathBuf,
     corrupt: PathBuf,
-    /// (name, path) of smoke/misuse linked statically and dynamically.
+    /// (name, path) of smoke/misuse/backends linked statically and dynamically.
     programs: Vec<(String, PathBuf)>,
 }
 
@@ -101,6 +101,10 @@ fn compile(dir: &Path, src: &str, link: &str, lib: &Path) -> PathBuf {
     let exe = dir.join(format!("{src}_{link}"));
     let mut cmd = Command::new("cc");
     cmd.args(CFLAGS)
+        .arg(format!(
+            "-DHP_TEST_CUDA_BUILD={}",
+            u8::from(cfg!(feature = "cuda"))
+        ))
         .arg("-g")
         .arg("-I")
         .arg(root().join("include"))
@@ -110,7 +114,19 @@ fn compile(dir: &Path, src: &str, link: &str, lib: &Path) -> PathBuf {
         .arg("-o")
         .arg(&exe);
     if link == "static" {
-        cmd.arg(lib.join("libhiprune.a")).args([
+        cmd.arg(lib.join("libhiprune.a"));
+        if cfg!(feature = "cuda") {
+            // The CUDA runtime and the C++ runtime the kernels' launchers need are
+            // linked by name, not bundled into the archive (what rustc's
+            // `--print native-static-libs` lists).
+            if let Some(home) = std::env::var_os("CUDA_HOME") {
+                for dir in ["lib", "lib64"] {
+                    cmd.arg(format!("-L{}/{dir}", Path::new(&home).display()));
+                }
+            }
+            cmd.args(["-lcudart_static", "-lstdc++"]);
+        }
+        cmd.args([
             "-lgcc_s",
             "-lutil",
             "-lrt",
@@ -184,7 +200,7 @@ fn setup() -> &'static Setup {
 
         let lib = lib_dir();
         let mut programs = Vec::new();
-        for src in ["smoke", "misuse"] {
+        for src in ["smoke", "misuse", "backends"] {
             for link in ["static", "shared"] {
                 programs.push((format!("{src}_{link}"), compile(&dir, src, link, &lib)));
             }
@@ -198,6 +214,15 @@ fn setup() -> &'static Setup {
     })
 }
 
+/// A command that runs a C test program on the library its rpath names: cargo puts
+/// `target/<profile>` on `LD_LIBRARY_PATH`, whose `libhiprune.so` may come from
+/// another build (say `cargo build` without the features of this test run).
+fn c_program(exe: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("LD_LIBRARY_PATH");
+    cmd
+}
+
 fn program(name: &str) -> &'static Path {
     &setup()
         .programs
@@ -209,7 +234,7 @@ fn program(name: &str) -> &'static Path {
 
 /// Arguments of a program, by its source name.
 fn args(s: &Setup, name: &str, out_dir: &Path) -> Vec<PathBuf> {
-    if name.starts_with("smoke") {
+    if name.starts_with("smoke") || name.starts_with("backends") {
         vec![s.package.clone(), out_dir.to_path_buf()]
     } else {
         vec![
@@ -316,7 +341,7 @@ fn smoke_static_and_shared_match_rust_and_diffusers() {
     for link in ["static", "shared"] {
         let name = format!("smoke_{link}");
         let d = run_dir(s, &name);
-        let log = run_ok(Command::new(program(&name)).args(args(s, &name, &d)));
+        let log = run_ok(c_program(program(&name)).args(args(s, &name, &d)));
         eprintln!("{name}:\n{log}");
         assert!(log.contains("smoke passed"), "{log}");
         for (file, want, fixture_t) in [
@@ -346,12 +371,38 @@ fn misuse_returns_documented_codes() {
     for link in ["static", "shared"] {
         let name = format!("misuse_{link}");
         let d = run_dir(s, &name);
-        let log = run_ok(Command::new(program(&name)).args(args(s, &name, &d)));
+        let log = run_ok(c_program(program(&name)).args(args(s, &name, &d)));
         assert!(log.contains("misuse passed"), "{log}");
         assert!(!log.contains("FAIL"), "{log}");
         let checks = log.lines().filter(|l| l.starts_with("ok ")).count();
         eprintln!("{name}: {checks} checks passed");
         assert!(checks >= 60, "only {checks} checks ran:\n{log}");
+    }
+}
+
+/// `HP_BACKEND_CUDA` and `HP_BACKEND_AUTO` do what the header says: without a GPU,
+/// CUDA is refused as "not built with CUDA" or "no usable CUDA device" (as the build
+/// has it) and AUTO falls back to the CPU, says so and computes the CPU's bits; with a
+/// GPU, both run on CUDA within its tolerance of the CPU.
+#[test]
+fn backend_choice_is_reported_and_honoured() {
+    let s = setup();
+    for link in ["static", "shared"] {
+        let name = format!("backends_{link}");
+        let d = run_dir(s, &name);
+        let log = run_ok(c_program(program(&name)).args(args(s, &name, &d)));
+        assert!(log.contains("backends passed"), "{log}");
+        assert!(!log.contains("FAIL"), "{log}");
+        let expected = if cfg!(feature = "cuda") {
+            "no usable CUDA device"
+        } else {
+            "not built with CUDA"
+        };
+        assert!(
+            log.contains("CUDA context created") || log.contains(expected),
+            "{log}"
+        );
+        eprintln!("{name}:\n{log}");
     }
 }
 
@@ -369,7 +420,7 @@ fn valgrind_finds_no_errors_or_definite_leaks() {
     for (name, exe) in &s.programs {
         let d = run_dir(s, &format!("vg-{name}"));
         let log = run_ok(
-            Command::new("valgrind")
+            c_program("valgrind")
                 .args([
                     "--error-exitcode=1",
                     "--leak-check=full",
@@ -380,7 +431,9 @@ fn valgrind_finds_no_errors_or_definite_leaks() {
                 .args(args(s, name, &d)),
         );
         assert!(
-            log.contains("smoke passed") || log.contains("misuse passed"),
+            ["smoke passed", "misuse passed", "backends passed"]
+                .iter()
+                .any(|m| log.contains(m)),
             "{log}"
         );
         eprintln!("valgrind {name}: clean");

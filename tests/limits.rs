@@ -2,7 +2,7 @@
 //! allocation of that size, with a typed error.
 
 use hiprune::Error;
-use hiprune::model::config::{MAX_CONFIG_FILE_BYTES, MAX_LAYERS};
+use hiprune::config::{MAX_CONFIG_FILE_BYTES, MAX_LAYERS};
 use hiprune::model::tensor::MAX_INPUT_FILE_BYTES;
 use hiprune::model::weights::MAX_INDEX_FILE_BYTES;
 use hiprune::model::{MmditConfig, TensorFile, Weights};

@@ -1,4 +1,4 @@
-//! Context exports: create/free, the forward pass, the sampler, memory.
+//! Context exports: create/free/info, the forward pass, the sampler, memory.
 
 use std::mem::size_of;
 use std::sync::Arc;
@@ -7,20 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::bindings as b;
 use super::error::{guard, guard_value};
 use super::handles::{self, BusyGuard};
-use super::model::{ModelState, read_params, write_out};
+use super::state::{ContextState, ModelState};
 use super::status::{self, Failure, FfiResult, Status};
-use crate::model::sampler::{Conditioning, SampleOptions, initial_latent, sample_cancellable};
-use crate::model::{MmditInputs, Tensor};
-
-/// A backend with a model and its own worker pool.
-pub(crate) struct ContextState {
-    pub model: Arc<ModelState>,
-    pub pool: rayon::ThreadPool,
-    /// Set while a call runs (one call at a time).
-    pub busy: AtomicBool,
-    /// Scratch estimate of the largest call so far, bytes.
-    pub scratch: AtomicU64,
-}
+use super::structs::{read_params, write_out};
+use crate::backend::Device;
+use crate::model::sampler::{Conditioning, SampleOptions, initial_latent};
+use crate::model::{AnyModel, MmditInputs, Tensor};
 
 /// The backends of `hp_context_params.backend`, received as an integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,22 +71,31 @@ fn create(
             params.device
         )));
     }
-    match backend {
-        Backend::Cuda => {
-            return Err(Failure::new(
-                status::BACKEND_UNAVAILABLE,
-                "this build of hiprune has no CUDA backend (build with --features cuda)",
-            ));
-        }
-        Backend::Cpu | Backend::Auto => {
+    let cuda = Device::Cuda(params.device as usize);
+    let (engine, fallback) = match backend {
+        Backend::Cpu => {
             if params.device != 0 {
                 return Err(Failure::invalid(format!(
                     "params->device = {} but the CPU backend has only device 0",
                     params.device
                 )));
             }
+            (Arc::clone(&model.model), None)
         }
-    }
+        Backend::Cuda => (
+            Arc::new(on_device(&model, cuda).map_err(Failure::from_load)?),
+            None,
+        ),
+        Backend::Auto => match on_device(&model, cuda) {
+            Ok(engine) => (Arc::new(engine), None),
+            Err(e) if e.is_device_unavailable() => {
+                let reason = e.to_string();
+                log::info!("context: HP_BACKEND_AUTO runs on the CPU: {reason}");
+                (Arc::clone(&model.model), Some(reason))
+            }
+            Err(e) => return Err(Failure::from_load(e)),
+        },
+    };
     let threads = params.n_threads as usize;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -102,11 +103,14 @@ fn create(
         .build()
         .map_err(|e| Failure::new(status::INTERNAL, format!("thread pool: {e}")))?;
     log::info!(
-        "context: CPU backend, {} worker threads",
+        "context: {} backend, {} worker threads",
+        engine.device(),
         pool.current_num_threads()
     );
     let addr = handles::add_context(ContextState {
         model,
+        engine,
+        fallback,
         pool,
         busy: AtomicBool::new(false),
         scratch: AtomicU64::new(0),
@@ -114,6 +118,17 @@ fn create(
     // SAFETY: checked non-NULL and aligned above.
     unsafe { out_ctx.write(addr as *mut b::hp_context) };
     Ok(())
+}
+
+/// The model of `state` uploaded to `device`, from the weights the CPU model holds.
+fn on_device(state: &ModelState, device: Device) -> crate::Result<AnyModel> {
+    let cpu = &state.model;
+    AnyModel::build(
+        cpu.config().clone(),
+        Arc::clone(cpu.weights()),
+        cpu.prune_spec().clone(),
+        device,
+    )
 }
 
 /// `hp_context_create` (see the header).
@@ -136,6 +151,55 @@ pub unsafe extern "C" fn hp_context_create(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn hp_context_free(ctx: *mut b::hp_context) -> Status {
     guard("hp_context_free", || handles::remove_context(ctx as usize))
+}
+
+fn info(ctx: *const b::hp_context, out: *mut b::hp_context_info) -> FfiResult {
+    let ctx = handles::context(ctx as usize)?;
+    let (backend, device) = match ctx.engine.device() {
+        Device::Cpu => (b::hp_backend_HP_BACKEND_CPU, 0),
+        Device::Cuda(n) => (b::hp_backend_HP_BACKEND_CUDA, n),
+    };
+    let mut value = b::hp_context_info {
+        struct_size: size_of::<b::hp_context_info>(),
+        backend: backend as i32,
+        device: i32::try_from(device)
+            .map_err(|_| Failure::new(status::INTERNAL, "device index beyond int32_t"))?,
+        n_threads: u32::try_from(ctx.pool.current_num_threads()).unwrap_or(u32::MAX),
+        fell_back: ctx.fallback.is_some(),
+        fallback_reason: [0; 256],
+    };
+    if let Some(reason) = &ctx.fallback {
+        copy_c_string(reason, &mut value.fallback_reason);
+    }
+    write_out(out, value, "out")
+}
+
+/// Copies `text` into `buf` as a NUL-terminated C string, cut at a UTF-8 character
+/// boundary to fit.
+fn copy_c_string(text: &str, buf: &mut [std::ffi::c_char]) {
+    let room = buf.len().saturating_sub(1);
+    let mut end = text.len().min(room);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    for (dst, &src) in buf.iter_mut().zip(&text.as_bytes()[..end]) {
+        *dst = src as std::ffi::c_char;
+    }
+    if let Some(nul) = buf.get_mut(end) {
+        *nul = 0;
+    }
+}
+
+/// `hp_context_get_info` (see the header).
+///
+/// # Safety
+/// As documented in `include/hiprune.h`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn hp_context_get_info(
+    ctx: *const b::hp_context,
+    out: *mut b::hp_context_info,
+) -> Status {
+    guard("hp_context_get_info", || info(ctx, out))
 }
 
 /// Checked sizes of one call.
@@ -297,7 +361,7 @@ fn forward(
     record_scratch(&ctx, forward_scratch(state, s.batch, &s) + io);
     let y = ctx
         .pool
-        .install(|| state.model.forward(&inputs))
+        .install(|| ctx.engine.forward(&inputs))
         .map_err(Failure::from_run)?;
     write_output(out_ptr, &y.data, s.latent_out, "model")
 }
@@ -479,10 +543,11 @@ fn run_sample(
     let result = ctx
         .pool
         .install(|| {
-            sample_cancellable(&state.model, latent, &cond, &opts, |i, n, sigma| {
-                log::debug!("sample step {}/{n}, sigma {sigma}", i + 1);
-                progress.call(i, n, sigma)
-            })
+            ctx.engine
+                .sample_cancellable(latent, &cond, &opts, |i, n, sigma| {
+                    log::debug!("sample step {}/{n}, sigma {sigma}", i + 1);
+                    progress.call(i, n, sigma)
+                })
         })
         .map_err(Failure::from_run)?;
     let Some(x) = result else {

@@ -12,8 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
-use super::context::ContextState;
-use super::model::ModelState;
+use super::state::{ContextState, ModelState};
 use super::status::{self, Failure, FfiResult};
 
 /// Marks a token allocation (a debugging aid: the registry is what is trusted).

@@ -29,4 +29,6 @@ mod handles;
 mod library;
 mod model;
 mod signatures;
+mod state;
 mod status;
+mod structs;

@@ -1,84 +1,18 @@
-//! Model exports: load, free, info, block lists; and the struct-size helpers the
-//! other exports share.
+//! Model exports: load, free, info, block lists.
 
 use std::ffi::{CStr, c_char};
 use std::mem::size_of;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::bindings as b;
 use super::error::guard;
 use super::handles;
+use super::state::ModelState;
 use super::status::{self, Failure, FfiResult, Status};
-use crate::model::{Mmdit, WeightBytes};
-
-/// A loaded model and its storage statistics.
-pub(crate) struct ModelState {
-    pub model: Mmdit,
-    pub bytes: WeightBytes,
-    pub file_bytes: u64,
-    pub is_package: bool,
-}
-
-/// Reads a caller's parameter struct of type `T` whose first field is `struct_size`:
-/// NULL gives `default`; otherwise at most `size_of::<T>()` bytes are read and the rest
-/// keep their defaults.
-pub(crate) fn read_params<T: Copy>(ptr: *const T, default: T, what: &str) -> FfiResult<T> {
-    if ptr.is_null() {
-        return Ok(default);
-    }
-    if !ptr.is_aligned() {
-        return Err(Failure::invalid(format!("{what} pointer is misaligned")));
-    }
-    // SAFETY: `ptr` is non-NULL and aligned, and the header requires it to point to a
-    // struct starting with its `size_t struct_size` field.
-    let size = unsafe { ptr.cast::<usize>().read() };
-    let n = checked_struct_size(size, size_of::<T>(), what)?;
-    let mut value = default;
-    // SAFETY: the caller's struct holds `size >= n` readable bytes (header contract);
-    // `value` is a distinct local `T` of `size_of::<T>() >= n` bytes; `T` is a
-    // plain-data bindgen struct, so any prefix of a valid value copied over a valid
-    // value is valid for the integer and float fields. Function-pointer fields are
-    // `Option`s, for which NULL is valid, and the caller vouches for non-NULL ones.
-    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut value).cast::<u8>(), n) };
-    // Report our own size from here on.
-    // SAFETY: `value` is a `T` whose first field is a `usize` (`struct_size`).
-    unsafe { (&raw mut value).cast::<usize>().write(size_of::<T>()) };
-    Ok(value)
-}
-
-/// Writes `value` to a caller's output struct whose `struct_size` says how many bytes
-/// it holds; afterwards `struct_size` is the number of bytes written.
-pub(crate) fn write_out<T: Copy>(ptr: *mut T, value: T, what: &str) -> FfiResult {
-    if ptr.is_null() {
-        return Err(Failure::invalid(format!("{what} is NULL")));
-    }
-    if !ptr.is_aligned() {
-        return Err(Failure::invalid(format!("{what} pointer is misaligned")));
-    }
-    // SAFETY: non-NULL, aligned, and the header requires the struct to start with its
-    // `size_t struct_size` field, set by the caller.
-    let size = unsafe { ptr.cast::<usize>().read() };
-    let n = checked_struct_size(size, size_of::<T>(), what)?;
-    // SAFETY: the caller's struct has room for `size >= n` bytes (header contract) and
-    // does not overlap the local `value`.
-    unsafe {
-        std::ptr::copy_nonoverlapping((&raw const value).cast::<u8>(), ptr.cast::<u8>(), n);
-        ptr.cast::<usize>().write(n);
-    }
-    Ok(())
-}
-
-/// The byte count to copy for a struct whose caller says it has `size` bytes.
-fn checked_struct_size(size: usize, ours: usize, what: &str) -> FfiResult<usize> {
-    // Every struct of this ABI version is its first released version, so the minimum
-    // is the full size. Later versions will keep this minimum and accept a prefix.
-    if size < ours {
-        return Err(Failure::invalid(format!(
-            "{what}->struct_size is {size}, smaller than the {ours} bytes of its first version (set it to sizeof)"
-        )));
-    }
-    Ok(size.min(ours))
-}
+use super::structs::write_out;
+use crate::backend::Device;
+use crate::model::AnyModel;
 
 fn to_u32(v: usize, field: &str) -> FfiResult<u32> {
     u32::try_from(v).map_err(|_| {
@@ -107,7 +41,7 @@ fn load(path: *const c_char, out_model: *mut *mut b::hp_model) -> FfiResult {
         .map_err(|_| Failure::invalid("path is not valid UTF-8"))?;
     let path = Path::new(path);
     let is_package = !path.is_dir();
-    let model = Mmdit::load(path).map_err(Failure::from_load)?;
+    let model = AnyModel::load_on(path, Device::Cpu).map_err(Failure::from_load)?;
     let bytes = model.weight_bytes().map_err(Failure::from_load)?;
     let file_bytes = model.weights().package().map_or(0, |p| p.file_len());
     log::info!(
@@ -121,7 +55,7 @@ fn load(path: *const c_char, out_model: *mut *mut b::hp_model) -> FfiResult {
         bytes.total()
     );
     let addr = handles::add_model(ModelState {
-        model,
+        model: Arc::new(model),
         bytes,
         file_bytes,
         is_package,

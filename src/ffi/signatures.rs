@@ -29,6 +29,7 @@ same_signature! {
     c::hp_context_default_params();
     c::hp_context_create(_, _, _);
     c::hp_context_free(_);
+    c::hp_context_get_info(_, _);
     c::hp_forward(_, _, _, _, _, _, _, _, _, _, _, _);
     c::hp_sample_default_params();
     c::hp_sample(_, _, _, _, _, _, _, _, _, _, _, _, _, _, _);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-use crate::model::MmditConfig;
+use crate::config::MmditConfig;
 use crate::quant::Q4Kind;
 
 /// Element type of a stored tensor.

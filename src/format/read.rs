@@ -15,12 +15,12 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
+use crate::config::MmditConfig;
 use crate::error::{Error, Result};
 use crate::format::{
     Dtype, FORMAT_NAME, FORMAT_VERSION, LayerEntry, MANIFEST_CRC_KEY, MANIFEST_TENSOR,
     MAX_HEADER_BYTES, MAX_TENSORS, Manifest, Precision,
 };
-use crate::model::MmditConfig;
 use crate::quant::{Q4Kind, Q4Weights, check_q4_dims};
 
 /// Length of the little-endian header-length prefix.

@@ -9,24 +9,16 @@ use std::sync::Arc;
 #[cfg(feature = "cuda")]
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, CpuBackend, Device};
-use crate::error::{Error, Result};
-use crate::model::config::MmditConfig;
+use crate::config::MmditConfig;
+#[cfg(not(feature = "cuda"))]
+use crate::error::Error;
+use crate::error::Result;
 use crate::model::memory::WeightBytes;
 use crate::model::mmdit::{Mmdit, MmditInputs};
 use crate::model::prune::PruneSpec;
 use crate::model::sampler::{Conditioning, SampleOptions, sample, sample_cancellable};
 use crate::model::tensor::Tensor;
 use crate::model::weights::Weights;
-
-/// A device request that may leave the choice to hiprune.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DeviceChoice {
-    /// CUDA device 0 when this build has CUDA and the device is usable, else the CPU.
-    #[default]
-    Auto,
-    /// Exactly this device; an error if it cannot be used.
-    Exactly(Device),
-}
 
 /// An MMDiT model on the device chosen at run time.
 pub enum AnyModel {
@@ -58,20 +50,10 @@ macro_rules! on_model {
     };
 }
 
-/// What [`AnyModel::build`] chose, and why it fell back to the CPU if it did.
-#[derive(Debug)]
-pub struct Built {
-    /// The model.
-    pub model: AnyModel,
-    /// Why `Auto` did not run on CUDA (`None` when it did, or when the device was
-    /// given exactly).
-    pub fallback: Option<String>,
-}
-
 impl AnyModel {
     /// Loads a diffusers transformer folder or an `.hpk` package onto `device`. An
-    /// error if the device cannot be used: [`Error::BackendNotCompiled`] for CUDA in a
-    /// build without the `cuda` feature, [`Error::NoCudaDevice`] when the driver or the
+    /// error if the device cannot be used: [`crate::Error::BackendNotCompiled`] for CUDA in a
+    /// build without the `cuda` feature, [`crate::Error::NoCudaDevice`] when the driver or the
     /// device is missing.
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<AnyModel> {
         device.ensure_compiled()?;
@@ -84,79 +66,33 @@ impl AnyModel {
         }
     }
 
-    /// Builds a model from weights another model may share (the memory map is not
-    /// read again) on the device `choice` names; `Auto` falls back to the CPU when CUDA
-    /// is not compiled in or not usable, and says why in [`Built::fallback`].
+    /// Builds a model on `device` from weights another model may share (the memory map
+    /// is not read again, and a CPU model borrows it without copying). The errors of
+    /// [`AnyModel::load_on`] for a device that cannot be used;
+    /// [`crate::Error::is_device_unavailable`] tells them apart from a broken model.
     pub fn build(
         config: MmditConfig,
         weights: Arc<Weights>,
         spec: PruneSpec,
-        choice: DeviceChoice,
-    ) -> Result<Built> {
-        let cpu = |config, weights, spec| -> Result<AnyModel> {
-            Ok(AnyModel::Cpu(Mmdit::with_shared_weights(
+        device: Device,
+    ) -> Result<AnyModel> {
+        device.ensure_compiled()?;
+        match device {
+            Device::Cpu => Ok(AnyModel::Cpu(Mmdit::with_shared_weights(
                 CpuBackend::new(),
                 config,
                 weights,
                 spec,
-            )?))
-        };
-        match choice {
-            DeviceChoice::Exactly(Device::Cpu) => Ok(Built {
-                model: cpu(config, weights, spec)?,
-                fallback: None,
-            }),
-            DeviceChoice::Exactly(device) => Ok(Built {
-                model: Self::on_cuda(device, config, weights, spec)?,
-                fallback: None,
-            }),
-            DeviceChoice::Auto => {
-                let device = Device::Cuda(0);
-                let reason = match device.ensure_compiled() {
-                    Err(e) => e.to_string(),
-                    Ok(()) => {
-                        match Self::on_cuda(device, config.clone(), weights.clone(), spec.clone()) {
-                            Ok(model) => {
-                                return Ok(Built {
-                                    model,
-                                    fallback: None,
-                                });
-                            }
-                            // Only an unusable device falls back; a broken model stays an
-                            // error.
-                            Err(e @ Error::NoCudaDevice { .. }) => e.to_string(),
-                            Err(e) => return Err(e),
-                        }
-                    }
-                };
-                log::info!("automatic device: the CPU ({reason})");
-                Ok(Built {
-                    model: cpu(config, weights, spec)?,
-                    fallback: Some(reason),
-                })
-            }
-        }
-    }
-
-    /// The model on CUDA device `device`.
-    fn on_cuda(
-        device: Device,
-        config: MmditConfig,
-        weights: Arc<Weights>,
-        spec: PruneSpec,
-    ) -> Result<AnyModel> {
-        device.ensure_compiled()?;
-        #[cfg(feature = "cuda")]
-        {
-            let backend = CudaBackend::open(device)?;
-            Ok(AnyModel::Cuda(Mmdit::with_shared_weights(
-                backend, config, weights, spec,
-            )?))
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (config, weights, spec);
-            unreachable_backend(device)
+            )?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => Ok(AnyModel::Cuda(Mmdit::with_shared_weights(
+                CudaBackend::open(device)?,
+                config,
+                weights,
+                spec,
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => unreachable_backend(device),
         }
     }
 

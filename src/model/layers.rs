@@ -10,12 +10,13 @@
 //! [`crate::model::layout`]'s sink records it, so the list of required tensors that
 //! `compress` and the weight counters read is the very list the model loads.
 
+use crate::config::MmditConfig;
 use crate::error::Result;
-use crate::model::config::MmditConfig;
-use crate::model::mmdit::TIMESTEP_CHANNELS;
 use crate::model::prune::BlockMask;
 use crate::model::weights::POS_TABLE;
 
+/// Sinusoidal channels of the timestep embedding (the input of its first linear).
+pub const TIMESTEP_CHANNELS: usize = 256;
 /// Name of the patch convolution's weight `[D, C, p, p]` (its bias is `.bias`).
 pub const PATCH_CONV: &str = "pos_embed.proj";
 

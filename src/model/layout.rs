@@ -2,9 +2,9 @@
 //! a pruning plan (removed blocks and sub-components need no weights): the list
 //! [`crate::model::layers`] loads, recorded instead of uploaded.
 
-use super::config::MmditConfig;
 use super::layers::{BlockLayers, LayerSink, TopLayers};
 use super::prune::PruneSpec;
+use crate::config::MmditConfig;
 use crate::error::Result;
 
 /// One tensor the model reads.

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::config::MmditConfig;
 use crate::error::Result;
-use crate::model::config::MmditConfig;
 use crate::model::layout::{Required, required_tensors};
 use crate::model::prune::PruneSpec;
 use crate::model::weights::{POS_TABLE, Weights};

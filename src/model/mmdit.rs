@@ -17,9 +17,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::{Backend, CpuBackend, Device, LinearSource, Modulation};
+use crate::config::MmditConfig;
 use crate::error::{Error, Result};
 use crate::format::Package;
-use crate::model::config::MmditConfig;
+pub use crate::model::layers::TIMESTEP_CHANNELS;
 use crate::model::layers::{BlockLayers, LayerSink, TopLayers};
 use crate::model::memory::WeightBytes;
 use crate::model::prune::PruneSpec;
@@ -28,8 +29,6 @@ use crate::model::weights::{POS_TABLE, Weights};
 
 /// LayerNorm and RMS-norm epsilon of every norm in the model.
 pub const NORM_EPS: f32 = 1e-6;
-/// Sinusoidal channels of the timestep embedding.
-pub const TIMESTEP_CHANNELS: usize = 256;
 
 /// The inputs of one forward pass (all f32).
 #[derive(Debug, Clone, Copy)]

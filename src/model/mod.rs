@@ -3,7 +3,6 @@
 
 pub mod any;
 mod block;
-pub mod config;
 mod inputs;
 mod layers;
 pub mod layout;
@@ -15,8 +14,8 @@ pub mod sampler;
 pub mod tensor;
 pub mod weights;
 
-pub use any::{AnyModel, Built, DeviceChoice};
-pub use config::MmditConfig;
+pub use crate::config::MmditConfig;
+pub use any::AnyModel;
 pub use memory::WeightBytes;
 pub use mmdit::{Mmdit, MmditInputs};
 pub use prune::{BlockMask, PruneSpec};

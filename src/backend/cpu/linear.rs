@@ -1,43 +1,15 @@
 //! The CPU linear layer `y[M, N] = x[M, K] * W^T (+ bias)` for every weight storage.
 
+use super::check::check_linear_args;
 use super::panel::{self, HalfRows, Q4Rows};
 use super::{KernelPath, gemv};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::quant::{DenseData, LinearWeights};
 
 /// Largest M that 4-bit layers run through the fused GEMV kernels: they decode each
 /// weight once per 4 rows of x in registers, which wins while the layer is bound by
 /// reading the weights; above it the decoded-tile GEMM reuses each weight M times.
 pub const GEMV_MAX_M: usize = 8;
-
-/// Checks the lengths of `x [M, K]`, `bias [N]` and `y [M, N]` against the weights.
-pub(crate) fn check_linear_args(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-    y: &[f32],
-) -> Result<()> {
-    let mk = m
-        .checked_mul(k)
-        .ok_or_else(|| Error::invalid("M", "M * K overflows"))?;
-    let mn = m
-        .checked_mul(n)
-        .ok_or_else(|| Error::invalid("M", "M * N overflows"))?;
-    if x.len() != mk {
-        return Err(Error::length("activations x [M, K]", mk, x.len()));
-    }
-    if y.len() != mn {
-        return Err(Error::length("output y [M, N]", mn, y.len()));
-    }
-    if let Some(b) = bias
-        && b.len() != n
-    {
-        return Err(Error::length("bias [N]", n, b.len()));
-    }
-    Ok(())
-}
 
 /// `y[M, N] = x[M, K] * W^T (+ bias)` on the CPU with the current rayon pool's threads
 /// and the fastest SIMD path of this CPU ([`KernelPath::detect`]).
@@ -56,7 +28,7 @@ pub fn linear(
     linear_with_path(KernelPath::detect(), x, m, w, bias, y)
 }
 
-/// [`linear`] on an explicit SIMD path; [`Error::Unsupported`] if this CPU lacks it.
+/// [`linear`] on an explicit SIMD path; [`crate::Error::Unsupported`] if this CPU lacks it.
 pub fn linear_with_path(
     path: KernelPath,
     x: &[f32],

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod backend;
+mod check;
 pub mod gemv;
 pub mod int8;
 pub mod linear;

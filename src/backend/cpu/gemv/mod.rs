@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::linear::check_linear_args;
+use super::check::check_linear_args;
 use super::path::KernelPath;
 use crate::error::Result;
 use crate::quant::Q4Weights;

@@ -28,7 +28,7 @@
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::backend::cpu::linear::check_linear_args;
+use crate::backend::cpu::check::check_linear_args;
 use crate::backend::cpu::path::KernelPath;
 use crate::error::{Error, Result};
 use crate::quant::{Q4Kind, Q4Weights};

@@ -1,5 +1,7 @@
 //! [`MmditConfig`]: the architecture hyper-parameters of an MMDiT transformer, with the
-//! field names of a diffusers `config.json` for `SD3Transformer2DModel`.
+//! field names of a diffusers `config.json` for `SD3Transformer2DModel`. A plain type
+//! below both the package format (whose manifest records it) and the model (which
+//! runs it).
 
 use std::path::Path;
 
