@@ -7,6 +7,7 @@
 
 pub mod manifest;
 pub mod read;
+mod validate;
 pub mod write;
 
 pub use manifest::{Dtype, LayerEntry, Manifest, PackageInfo, Precision, Provenance, TensorEntry};

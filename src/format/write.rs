@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use tempfile::NamedTempFile;
 
 use crate::error::{Error, Result};
-use crate::format::read::{check_kept_blocks, check_layer};
+use crate::format::validate::{check_kept_blocks, check_layer};
 use crate::format::{
     Dtype, FORMAT_NAME, FORMAT_VERSION, LayerEntry, MANIFEST_CRC_KEY, MANIFEST_TENSOR,
     MAX_HEADER_BYTES, MAX_TENSORS, Manifest, PackageInfo, Precision, TensorEntry,
