@@ -206,60 +206,17 @@ pub fn estimate_package_bytes(
 /// Makes a plan for `cfg` from an optional sensitivity report. Deterministic: the same
 /// inputs give the same plan. Errors: an index outside the model, a removal inside the
 /// protected range, a preset for another model, or a target that cannot be met
-/// without touching the protected range or the last block.
+/// without touching the protected range or the last block. Errors name the
+/// [`PlanOptions`] field at fault (`protect_until`, `target_blocks`, ...), not a flag.
 pub fn make_plan(
     cfg: &MmditConfig,
     report: Option<&SensitivityReport>,
     opts: &PlanOptions,
 ) -> Result<Plan> {
-    cfg.validate()?;
+    let sensitivity = check_options(cfg, report, opts)?;
     let l = cfg.num_layers;
-    if !(0.0..=1.0).contains(&opts.position_weight) {
-        return Err(Error::invalid(
-            "position weight",
-            format!("{} is outside [0, 1]", opts.position_weight),
-        ));
-    }
-    if let Some(k) = opts.protect_until
-        && k > l
-    {
-        return Err(Error::invalid(
-            "--protect-until",
-            format!("{k} is beyond the model's {l} blocks"),
-        ));
-    }
-    let sensitivity = match report {
-        Some(r) => {
-            if r.num_layers != l {
-                return Err(Error::invalid(
-                    "sensitivity report",
-                    format!("is for {} blocks, the model has {l}", r.num_layers),
-                ));
-            }
-            r.sensitivity()
-        }
-        None => Vec::new(),
-    };
     let protect_floor = opts.protect_until.unwrap_or(0);
-    let max_s = sensitivity.iter().copied().fold(0.0f32, f32::max);
-    let w = opts.position_weight;
-    let removal_cost: Vec<f32> = (0..l)
-        .map(|i| {
-            if i < protect_floor || i + 1 == l {
-                return f32::INFINITY;
-            }
-            let prior = if l > 1 {
-                1.0 - i as f32 / (l - 1) as f32
-            } else {
-                1.0
-            };
-            if sensitivity.is_empty() || max_s <= 0.0 {
-                prior
-            } else {
-                (1.0 - w) * sensitivity[i] / max_s + w * prior
-            }
-        })
-        .collect();
+    let removal_cost = removal_costs(l, &sensitivity, protect_floor, opts.position_weight);
     let dense_f16_bytes = estimate_bytes(
         cfg,
         &PruneSpec::none(),
@@ -267,94 +224,23 @@ pub fn make_plan(
         64,
         &BTreeSet::new(),
     );
-    let estimate = |removed: &BTreeSet<usize>| {
-        let spec = PruneSpec::remove_blocks(removed.iter().copied());
-        // The protected range ends at the first removed block (see below).
-        let boundary = removed
-            .iter()
-            .next()
-            .map_or(protect_floor, |&f| f.max(protect_floor));
-        let dense = dense_blocks_for(l, removed, boundary, opts.protect_precision);
-        estimate_package_bytes(
-            cfg,
-            &spec,
-            opts.weights,
-            opts.group,
-            &dense,
-            opts.pos_table_computed,
-        )
+    let search = Search {
+        cfg,
+        opts,
+        protect_floor,
+        removal_cost: &removal_cost,
     };
-
-    let explicit = |set: BTreeSet<usize>| -> Result<BTreeSet<usize>> {
-        if let Some(&b) = set.iter().find(|&&b| b >= l) {
-            return Err(Error::invalid(
-                "removed blocks",
-                format!("block {b} is outside the model's {l} blocks"),
-            ));
-        }
-        if let Some(&b) = set.iter().find(|&&b| b < protect_floor) {
-            return Err(Error::invalid(
-                "removed blocks",
-                format!("block {b} is in the protected range 0..{protect_floor}"),
-            ));
-        }
-        if set.len() >= l {
-            return Err(Error::invalid("removed blocks", "would remove every block"));
-        }
-        Ok(set)
-    };
-    // Candidates, cheapest first; ties go to the later block.
-    let mut order: Vec<usize> = (0..l).filter(|&i| removal_cost[i].is_finite()).collect();
-    order.sort_by(|&a, &b| removal_cost[a].total_cmp(&removal_cost[b]).then(b.cmp(&a)));
-    let greedy =
-        |done: &dyn Fn(&BTreeSet<usize>) -> bool, what: String| -> Result<BTreeSet<usize>> {
-            let mut removed = BTreeSet::new();
-            for &i in &order {
-                if done(&removed) {
-                    return Ok(removed);
-                }
-                removed.insert(i);
-            }
-            if done(&removed) {
-                Ok(removed)
-            } else {
-                Err(Error::invalid(
-                    "plan target",
-                    format!(
-                        "{what} cannot be met: even removing all {} candidate blocks (blocks \
-                     {protect_floor}..{} ; protected blocks and the last block are never \
-                     removed by the planner) leaves {} blocks, about {} bytes",
-                        order.len(),
-                        l.saturating_sub(1),
-                        l - removed.len(),
-                        estimate(&removed)
-                    ),
-                ))
-            }
-        };
     let removed: BTreeSet<usize> = match &opts.target {
         PlanTarget::None => BTreeSet::new(),
-        PlanTarget::Remove(set) => explicit(set.clone())?,
-        PlanTarget::Preset(name) => explicit(preset_blocks(name, cfg)?)?,
-        PlanTarget::Blocks(n) => {
-            if *n == 0 || *n > l {
-                return Err(Error::invalid(
-                    "--target-blocks",
-                    format!("{n} is not between 1 and the model's {l} blocks"),
-                ));
-            }
-            greedy(&|r| l - r.len() <= *n, format!("--target-blocks {n}"))?
+        PlanTarget::Remove(set) => search.explicit(set.clone())?,
+        PlanTarget::Preset(name) => search.explicit(preset_blocks(name, cfg)?)?,
+        PlanTarget::Blocks(n) => search.greedy(&|r| l - r.len() <= *n, &format!("{n} blocks"))?,
+        PlanTarget::Bytes(b) => {
+            search.greedy(&|r| search.estimate(r) <= *b, &format!("{b} bytes"))?
         }
-        PlanTarget::Bytes(b) => greedy(&|r| estimate(r) <= *b, format!("--target-bytes {b}"))?,
         PlanTarget::Ratio(x) => {
-            if !(x.is_finite() && *x > 0.0) {
-                return Err(Error::invalid(
-                    "--target-ratio",
-                    format!("{x} must be positive"),
-                ));
-            }
             let cap = (*x * dense_f16_bytes as f64) as u64;
-            greedy(&|r| estimate(r) <= cap, format!("--target-ratio {x}"))?
+            search.greedy(&|r| search.estimate(r) <= cap, &format!("ratio {x}"))?
         }
     };
 
@@ -364,24 +250,7 @@ pub fn make_plan(
     };
     let kept: Vec<usize> = (0..l).filter(|i| !removed.contains(i)).collect();
     let freeze: Vec<bool> = (0..l).map(|i| i < protect_until).collect();
-    let trainable: Vec<usize> = kept.iter().copied().filter(|&i| !freeze[i]).collect();
-    let mut distillation_weights = vec![0.0f32; l];
-    if !trainable.is_empty() {
-        let raw: Vec<f32> = trainable
-            .iter()
-            .map(|&i| {
-                if sensitivity.is_empty() || max_s <= 0.0 {
-                    1.0
-                } else {
-                    1.0 / (sensitivity[i] / max_s + 1e-3)
-                }
-            })
-            .collect();
-        let mean = raw.iter().sum::<f32>() / raw.len() as f32;
-        for (&i, r) in trainable.iter().zip(raw) {
-            distillation_weights[i] = r / mean;
-        }
-    }
+    let distillation_weights = distillation_weights(&kept, &freeze, &sensitivity);
     let dense = dense_blocks_for(l, &removed, protect_until, opts.protect_precision);
     let spec = PruneSpec::remove_blocks(removed.iter().copied());
     let estimated_bytes = estimate_package_bytes(
@@ -393,31 +262,15 @@ pub fn make_plan(
         opts.pos_table_computed,
     );
     let removed_blocks: Vec<usize> = removed.into_iter().collect();
-    let how = match &opts.target {
-        PlanTarget::None => "no pruning".to_string(),
-        PlanTarget::Remove(_) => "explicit list".to_string(),
-        PlanTarget::Preset(p) => format!("preset {p}"),
-        PlanTarget::Blocks(n) => format!("target {n} blocks"),
-        PlanTarget::Bytes(b) => format!("target {b} bytes"),
-        PlanTarget::Ratio(x) => format!("target ratio {x}"),
-    };
-    let basis = if sensitivity.is_empty() {
-        "positional prior only".to_string()
-    } else {
-        format!("sensitivity + positional prior w={w}")
-    };
-    let summary = format!(
-        "{how} ({basis}): removed {:?}, kept {}/{l}, protected 0..{protect_until} ({}), \
-         {} weights, ~{} bytes ({:.1}% of f16)",
-        removed_blocks,
+    let summary = summary(
+        opts,
+        !sensitivity.is_empty(),
+        &removed_blocks,
         kept.len(),
-        match opts.protect_precision {
-            ProtectPrecision::F16 => "f16",
-            ProtectPrecision::Int4 => "same precision",
-        },
-        opts.weights,
+        l,
+        protect_until,
         estimated_bytes,
-        100.0 * estimated_bytes as f64 / dense_f16_bytes.max(1) as f64
+        dense_f16_bytes,
     );
     Ok(Plan {
         num_layers: l,
@@ -433,6 +286,229 @@ pub fn make_plan(
         dense_f16_bytes,
         summary,
     })
+}
+
+/// Checks the options against the model and the report; returns the report's
+/// sensitivity per block (empty without a report).
+fn check_options(
+    cfg: &MmditConfig,
+    report: Option<&SensitivityReport>,
+    opts: &PlanOptions,
+) -> Result<Vec<f32>> {
+    cfg.validate()?;
+    let l = cfg.num_layers;
+    if !(0.0..=1.0).contains(&opts.position_weight) {
+        return Err(Error::invalid(
+            "position_weight",
+            format!("{} is outside [0, 1]", opts.position_weight),
+        ));
+    }
+    if let Some(k) = opts.protect_until
+        && k > l
+    {
+        return Err(Error::invalid(
+            "protect_until",
+            format!("{k} is beyond the model's {l} blocks"),
+        ));
+    }
+    match opts.target {
+        PlanTarget::Blocks(n) if n == 0 || n > l => {
+            return Err(Error::invalid(
+                "target_blocks",
+                format!("{n} is not between 1 and the model's {l} blocks"),
+            ));
+        }
+        PlanTarget::Ratio(x) if !(x.is_finite() && x > 0.0) => {
+            return Err(Error::invalid(
+                "target_ratio",
+                format!("{x} must be positive"),
+            ));
+        }
+        _ => {}
+    }
+    match report {
+        Some(r) if r.num_layers != l => Err(Error::invalid(
+            "sensitivity report",
+            format!("is for {} blocks, the model has {l}", r.num_layers),
+        )),
+        Some(r) => Ok(r.sensitivity()),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Removal cost per block: the measured sensitivity (scaled to its maximum) blended
+/// with the positional prior `1 - i / (l - 1)` by weight `w`; the prior alone without
+/// a sensitivity. Protected blocks and the last block cost `inf` (never candidates).
+fn removal_costs(l: usize, sensitivity: &[f32], protect_floor: usize, w: f32) -> Vec<f32> {
+    let max_s = sensitivity.iter().copied().fold(0.0f32, f32::max);
+    (0..l)
+        .map(|i| {
+            if i < protect_floor || i + 1 == l {
+                return f32::INFINITY;
+            }
+            let prior = if l > 1 {
+                1.0 - i as f32 / (l - 1) as f32
+            } else {
+                1.0
+            };
+            if sensitivity.is_empty() || max_s <= 0.0 {
+                prior
+            } else {
+                (1.0 - w) * sensitivity[i] / max_s + w * prior
+            }
+        })
+        .collect()
+}
+
+/// What the searches for removed blocks share.
+struct Search<'a> {
+    cfg: &'a MmditConfig,
+    opts: &'a PlanOptions,
+    protect_floor: usize,
+    removal_cost: &'a [f32],
+}
+
+impl Search<'_> {
+    /// Estimated package bytes with `removed` removed. The protected range ends at the
+    /// first removed block (see [`Plan::protect_until`]).
+    fn estimate(&self, removed: &BTreeSet<usize>) -> u64 {
+        let l = self.cfg.num_layers;
+        let spec = PruneSpec::remove_blocks(removed.iter().copied());
+        let boundary = removed
+            .iter()
+            .next()
+            .map_or(self.protect_floor, |&f| f.max(self.protect_floor));
+        let dense = dense_blocks_for(l, removed, boundary, self.opts.protect_precision);
+        estimate_package_bytes(
+            self.cfg,
+            &spec,
+            self.opts.weights,
+            self.opts.group,
+            &dense,
+            self.opts.pos_table_computed,
+        )
+    }
+
+    /// A given set of removed blocks, checked against the model and the protected range.
+    fn explicit(&self, set: BTreeSet<usize>) -> Result<BTreeSet<usize>> {
+        let l = self.cfg.num_layers;
+        let floor = self.protect_floor;
+        if let Some(&b) = set.iter().find(|&&b| b >= l) {
+            return Err(Error::invalid(
+                "removed blocks",
+                format!("block {b} is outside the model's {l} blocks"),
+            ));
+        }
+        if let Some(&b) = set.iter().find(|&&b| b < floor) {
+            return Err(Error::invalid(
+                "removed blocks",
+                format!("block {b} is in the protected range 0..{floor}"),
+            ));
+        }
+        if set.len() >= l {
+            return Err(Error::invalid("removed blocks", "would remove every block"));
+        }
+        Ok(set)
+    }
+
+    /// Removes candidates cheapest first (ties to the later block) until `done`; the
+    /// target `what` is named when even every candidate is not enough.
+    fn greedy(
+        &self,
+        done: &dyn Fn(&BTreeSet<usize>) -> bool,
+        what: &str,
+    ) -> Result<BTreeSet<usize>> {
+        let l = self.cfg.num_layers;
+        let cost = self.removal_cost;
+        let mut order: Vec<usize> = (0..l).filter(|&i| cost[i].is_finite()).collect();
+        order.sort_by(|&a, &b| cost[a].total_cmp(&cost[b]).then(b.cmp(&a)));
+        let mut removed = BTreeSet::new();
+        for &i in &order {
+            if done(&removed) {
+                return Ok(removed);
+            }
+            removed.insert(i);
+        }
+        if done(&removed) {
+            return Ok(removed);
+        }
+        Err(Error::invalid(
+            "plan target",
+            format!(
+                "a target of {what} cannot be met: even removing all {} candidate blocks \
+                 (blocks {}..{} ; protected blocks and the last block are never removed by \
+                 the planner) leaves {} blocks, about {} bytes",
+                order.len(),
+                self.protect_floor,
+                l.saturating_sub(1),
+                l - removed.len(),
+                self.estimate(&removed)
+            ),
+        ))
+    }
+}
+
+/// Distillation weight per block: inverse to sensitivity over the kept, unfrozen
+/// blocks (mean 1), 0 elsewhere; 1 for each such block without a sensitivity.
+fn distillation_weights(kept: &[usize], freeze: &[bool], sensitivity: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; freeze.len()];
+    let trainable: Vec<usize> = kept.iter().copied().filter(|&i| !freeze[i]).collect();
+    if trainable.is_empty() {
+        return out;
+    }
+    let max_s = sensitivity.iter().copied().fold(0.0f32, f32::max);
+    let raw: Vec<f32> = trainable
+        .iter()
+        .map(|&i| {
+            if sensitivity.is_empty() || max_s <= 0.0 {
+                1.0
+            } else {
+                1.0 / (sensitivity[i] / max_s + 1e-3)
+            }
+        })
+        .collect();
+    let mean = raw.iter().sum::<f32>() / raw.len() as f32;
+    for (&i, r) in trainable.iter().zip(raw) {
+        out[i] = r / mean;
+    }
+    out
+}
+
+/// The plan's one-line summary.
+#[allow(clippy::too_many_arguments)]
+fn summary(
+    opts: &PlanOptions,
+    measured: bool,
+    removed: &[usize],
+    kept: usize,
+    l: usize,
+    protect_until: usize,
+    estimated_bytes: u64,
+    dense_f16_bytes: u64,
+) -> String {
+    let how = match &opts.target {
+        PlanTarget::None => "no pruning".to_string(),
+        PlanTarget::Remove(_) => "explicit list".to_string(),
+        PlanTarget::Preset(p) => format!("preset {p}"),
+        PlanTarget::Blocks(n) => format!("target {n} blocks"),
+        PlanTarget::Bytes(b) => format!("target {b} bytes"),
+        PlanTarget::Ratio(x) => format!("target ratio {x}"),
+    };
+    let basis = if measured {
+        format!("sensitivity + positional prior w={}", opts.position_weight)
+    } else {
+        "positional prior only".to_string()
+    };
+    format!(
+        "{how} ({basis}): removed {removed:?}, kept {kept}/{l}, protected 0..{protect_until} ({}), \
+         {} weights, ~{estimated_bytes} bytes ({:.1}% of f16)",
+        match opts.protect_precision {
+            ProtectPrecision::F16 => "f16",
+            ProtectPrecision::Int4 => "same precision",
+        },
+        opts.weights,
+        100.0 * estimated_bytes as f64 / dense_f16_bytes.max(1) as f64
+    )
 }
 
 /// The kept blocks below `protect_until`, when they stay f16.

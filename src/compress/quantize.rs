@@ -254,9 +254,17 @@ fn check_options(cfg: &MmditConfig, opts: &CompressOptions) -> Result<()> {
             format!("block {b} is outside the model's {} blocks", cfg.num_layers),
         ));
     }
-    if let Some(kind) = opts.weights.q4_kind() {
-        // A K equal to the group is the smallest valid one: this checks the group alone.
-        check_q4_dims(kind, "--group", opts.group, opts.group)?;
+    if let Some(kind) = opts.weights.q4_kind()
+        && !kind.allowed_groups().contains(&opts.group)
+    {
+        return Err(Error::invalid(
+            "group",
+            format!(
+                "{} is not a group size of {kind}; the supported sizes are {:?}",
+                opts.group,
+                kind.allowed_groups()
+            ),
+        ));
     }
     Ok(())
 }

@@ -2,8 +2,6 @@
 
 mod bench;
 #[cfg(feature = "compress")]
-mod bench_model;
-#[cfg(feature = "compress")]
 mod compress;
 #[cfg(feature = "compress")]
 mod demo;
@@ -95,8 +93,32 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", in_flags(err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The library names the option fields it rejects (`protect_until`); the CLI says
+/// which flag set them.
+const FLAG_OF_FIELD: &[(&str, &str)] = &[
+    ("group", "--group"),
+    ("position_weight", "--position-weight"),
+    ("protect_until", "--protect-until"),
+    ("target_blocks", "--target-blocks"),
+    ("target_ratio", "--target-ratio"),
+];
+
+/// `err` with an option field replaced by the flag that sets it.
+fn in_flags(err: hiprune::Error) -> hiprune::Error {
+    match err {
+        hiprune::Error::InvalidArgument { what, reason } => {
+            let what = FLAG_OF_FIELD
+                .iter()
+                .find(|(field, _)| *field == what)
+                .map_or(what, |(_, flag)| flag.to_string());
+            hiprune::Error::InvalidArgument { what, reason }
+        }
+        other => other,
     }
 }

@@ -1,11 +1,11 @@
-//! `hiprune bench`: the kernel benchmark (4-bit linear kernels against the dense
-//! baseline on every linear shape of an SD3.5 model family, measured in one run) and
-//! the whole-model benchmark ([`crate::bench_model`]).
+//! `hiprune bench kernels`: the 4-bit linear kernels against the dense baseline on
+//! every linear shape of an SD3.5 model family, measured in one run (on CUDA in
+//! [`cuda`]).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use half::f16;
 use hiprune::backend::cpu::{KernelPath, int8, linear, membw};
 use hiprune::model::layout::{Required, required_tensors};
@@ -15,187 +15,66 @@ use hiprune::quant::{Q4Kind, Q4Weights};
 use hiprune::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 
-#[cfg(feature = "compress")]
-use crate::bench_model::{ModelArgs, ModelRunArgs};
+use super::probe::{backend_name, check_backend, gpu_info};
+use super::report::{KernelReport, Measurement, kernel_csv, kernel_table, quantile};
 use crate::forward::BackendChoice;
-use crate::report::{GpuInfo, OutputFormat, ReportHeader, Table, csv_line};
+use crate::report::{OutputFormat, ReportHeader};
 
 #[cfg(feature = "cuda")]
 mod cuda;
-
-/// What to benchmark.
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Linear-layer kernels: INT4/NF4/f16 weights against the dense baseline (f32 on
-    /// the CPU, cuBLAS f16 on CUDA) at each shape and M.
-    Kernels(KernelArgs),
-    #[cfg(feature = "compress")]
-    /// A whole model: per-step latency, sampling time and memory, dense and compressed
-    /// side by side.
-    Model(ModelArgs),
-    /// Measures one model in this process and prints JSON (used by `bench model`,
-    /// which runs each model in a child process so its peak RSS is its own).
-    #[cfg(feature = "compress")]
-    #[command(hide = true)]
-    ModelRun(ModelRunArgs),
-}
 
 /// Options of `hiprune bench kernels`.
 #[derive(Args)]
 pub struct KernelArgs {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendChoice,
+    pub(crate) backend: BackendChoice,
     /// Shapes: `sd35-large`, `sd35-medium` (every linear shape of the model family) or
     /// `K,N;K,N;...`.
     #[arg(long, default_value = "sd35-large")]
-    shapes: String,
+    pub(crate) shapes: String,
     /// Rows of x (tokens), comma-separated.
     #[arg(long, default_value = "1,256")]
-    m: String,
+    pub(crate) m: String,
     /// Weights to compare with the dense baseline: `int4` (symmetric, scale only),
     /// `int4-asym` (scale and offset), `nf4`, `f16` (dense f16 weights; on CUDA that is
     /// the cuBLAS baseline, always measured) and `int4-a8` (INT4 weights, per-token int8
     /// activations; CPU only). Activations are f32 on the CPU, f16 on CUDA.
     #[arg(long, default_value = "int4,nf4")]
-    weights: String,
+    pub(crate) weights: String,
     /// Group (block) size of the 4-bit weights.
     #[arg(long, default_value_t = 64)]
-    group: usize,
+    pub(crate) group: usize,
     /// Threads (default: all cores, or RAYON_NUM_THREADS).
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Keep one copy of each weight matrix (cache-resident) instead of rotating over
     /// enough copies to stream weights from memory.
     #[arg(long)]
-    hot: bool,
+    pub(crate) hot: bool,
     /// Time budget per measurement, seconds (after one warm-up run; at least 3 and at
     /// most 200 timed runs).
     #[arg(long, default_value_t = 1.0)]
-    seconds: f64,
+    pub(crate) seconds: f64,
     /// Print JSON instead of a table.
     #[arg(long, conflicts_with = "csv")]
-    json: bool,
+    pub(crate) json: bool,
     /// Print CSV instead of a table.
     #[arg(long)]
-    csv: bool,
+    pub(crate) csv: bool,
 }
 
 /// Copies of the weights to rotate over when streaming: together they exceed any L3.
 const STREAM_BYTES: usize = 96 << 20;
 
-/// Runs a bench subcommand.
-pub fn run(command: BenchCommand) -> Result<()> {
-    match command {
-        BenchCommand::Kernels(args) => kernels(&args),
-        #[cfg(feature = "compress")]
-        BenchCommand::Model(args) => crate::bench_model::run(&args),
-        #[cfg(feature = "compress")]
-        BenchCommand::ModelRun(args) => crate::bench_model::run_child(&args),
-    }
-}
-
-/// [`Error::Unsupported`] unless this build can run `backend`.
-pub fn check_backend(backend: BackendChoice) -> Result<()> {
-    match backend {
-        BackendChoice::Cpu => Ok(()),
-        #[cfg(feature = "cuda")]
-        BackendChoice::Cuda => Ok(()),
-        #[cfg(not(feature = "cuda"))]
-        BackendChoice::Cuda => Err(Error::Unsupported {
-            what:
-                "--backend cuda: this hiprune was built without CUDA support (cargo feature `cuda`)"
-                    .to_string(),
-        }),
-    }
-}
-
-/// Name of a backend in reports.
-pub fn backend_name(backend: BackendChoice) -> &'static str {
-    match backend {
-        BackendChoice::Cpu => "cpu",
-        BackendChoice::Cuda => "cuda",
-    }
-}
-
-/// The card, driver and CUDA version for the report header; `None` on the CPU.
-pub fn gpu_info(backend: BackendChoice) -> Option<GpuInfo> {
-    match backend {
-        BackendChoice::Cpu => None,
-        BackendChoice::Cuda => cuda_device_info(),
-    }
-}
-
-/// The card name, capability, memory, driver and runtime versions and clocks of CUDA
-/// device 0 (`None` without a device or in a build without CUDA).
-fn cuda_device_info() -> Option<GpuInfo> {
-    #[cfg(feature = "cuda")]
-    {
-        cuda::device_info()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        None
-    }
-}
-
 /// One linear shape and how many layers of the model family have it (0 for a custom
 /// shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Shape {
-    k: usize,
-    n: usize,
-    layers: usize,
-}
-
-/// One timed (shape, M, weights) cell.
-#[derive(Serialize)]
-struct Measurement {
-    k: usize,
-    n: usize,
-    m: usize,
-    /// Linear layers of the model family with this shape (0: custom shape).
-    layers_in_model: usize,
-    weights: String,
-    /// What ran: `cpu` (the CPU kernels), `cublas`, `gemv` or `gemm` (CUDA).
-    kernel: String,
-    weight_bytes: usize,
-    /// Bytes moved once: weights + x + y.
-    bytes_moved: usize,
-    runs: usize,
-    /// Launches timed back to back in each run (CUDA; 1 on the CPU).
-    launches_per_run: usize,
-    median_s: f64,
-    min_s: f64,
-    max_s: f64,
-    q1_s: f64,
-    q3_s: f64,
-    gbps: f64,
-    gflops: f64,
-    /// `gbps` over the bandwidth measured in the same run.
-    fraction_of_bandwidth: f64,
-    /// Baseline median over this median.
-    speedup_vs_baseline: f64,
-}
-
-#[derive(Serialize)]
-struct KernelReport {
-    header: ReportHeader,
-    shapes: String,
-    group: usize,
-    streamed: bool,
-    /// The dense baseline every row is compared with: `f32` (CPU) or `f16` (cuBLAS).
-    baseline: String,
-    /// What `bandwidth_gbps` measured.
-    bandwidth_measure: String,
-    /// The bandwidth measured in this run, GB/s.
-    bandwidth_gbps: f64,
-    /// The memory read bandwidth (CPU reports only; equals `bandwidth_gbps`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    read_bandwidth_gbps: Option<f64>,
-    results: Vec<Measurement>,
+pub(crate) struct Shape {
+    pub(crate) k: usize,
+    pub(crate) n: usize,
+    pub(crate) layers: usize,
 }
 
 /// Every distinct linear shape (K, N) of `cfg`'s unpruned model, in model order, with
@@ -352,23 +231,7 @@ fn time_runs(seconds: f64, mut f: impl FnMut(usize) -> Result<()>) -> Result<Vec
     Ok(times)
 }
 
-/// The value at quantile `q` of sorted `times`, interpolated linearly between ranks
-/// (so the median of an even count is the mean of the middle two).
-pub fn quantile(times: &[f64], q: f64) -> f64 {
-    match times {
-        [] => f64::NAN,
-        [only] => *only,
-        _ => {
-            let pos = (times.len() - 1) as f64 * q.clamp(0.0, 1.0);
-            let lo = pos.floor() as usize;
-            let hi = (lo + 1).min(times.len() - 1);
-            let frac = pos - lo as f64;
-            times[lo] + (times[hi] - times[lo]) * frac
-        }
-    }
-}
-
-fn kernels(args: &KernelArgs) -> Result<()> {
+pub fn run(args: &KernelArgs) -> Result<()> {
     check_backend(args.backend)?;
     let shapes = parse_shapes(&args.shapes)?;
     let ms = parse_list("--m", &args.m)?;
@@ -623,123 +486,6 @@ impl Cell {
             speedup_vs_baseline: baseline_median / median,
         }
     }
-}
-
-fn kernel_table(report: &KernelReport) -> String {
-    let mut out = report.header.text("hiprune bench kernels");
-    out.push_str(&format!(
-        "  {:<12} {} | G = {} | weights {} | baseline {}\n  {:<12} {:.1} GB/s ({})\n\n",
-        "setup",
-        report.shapes,
-        report.group,
-        if report.streamed {
-            "streamed from memory (rotating copies)"
-        } else {
-            "cache-resident (--hot)"
-        },
-        report.baseline,
-        "bandwidth",
-        report.bandwidth_gbps,
-        report.bandwidth_measure,
-    ));
-    let mut table = Table::new(&[
-        "K x N",
-        "layers",
-        "M",
-        "weights",
-        "kernel",
-        "median ms",
-        "min-max ms",
-        "GB/s",
-        "% bw",
-        "GFLOP/s",
-        "vs base",
-    ]);
-    for r in &report.results {
-        table.row(vec![
-            format!("{}x{}", r.k, r.n),
-            if r.layers_in_model == 0 {
-                "-".to_string()
-            } else {
-                r.layers_in_model.to_string()
-            },
-            r.m.to_string(),
-            r.weights.clone(),
-            r.kernel.clone(),
-            format!("{:.3}", r.median_s * 1e3),
-            format!("{:.3}-{:.3}", r.min_s * 1e3, r.max_s * 1e3),
-            format!("{:.1}", r.gbps),
-            format!("{:.0}%", 100.0 * r.fraction_of_bandwidth),
-            format!("{:.1}", r.gflops),
-            format!("{:.2}x", r.speedup_vs_baseline),
-        ]);
-    }
-    out.push_str(&table.render());
-    out.push_str(&format!(
-        "GB/s counts weights + x + y once each; % bw = GB/s over the bandwidth above; vs base = {} median / this median.\n",
-        report.baseline
-    ));
-    out
-}
-
-fn kernel_csv(report: &KernelReport) -> String {
-    let mut out = report.header.csv_comments();
-    out.push_str(&format!(
-        "# bandwidth GB/s: {:.3} ({})\n# baseline: {}\n# streamed: {}\n# group: {}\n",
-        report.bandwidth_gbps,
-        report.bandwidth_measure,
-        report.baseline,
-        report.streamed,
-        report.group
-    ));
-    out.push_str(&csv_line(
-        &[
-            "k",
-            "n",
-            "m",
-            "layers_in_model",
-            "weights",
-            "kernel",
-            "weight_bytes",
-            "bytes_moved",
-            "runs",
-            "launches_per_run",
-            "median_s",
-            "min_s",
-            "max_s",
-            "q1_s",
-            "q3_s",
-            "gbps",
-            "gflops",
-            "fraction_of_bandwidth",
-            "speedup_vs_baseline",
-        ]
-        .map(String::from),
-    ));
-    for r in &report.results {
-        out.push_str(&csv_line(&[
-            r.k.to_string(),
-            r.n.to_string(),
-            r.m.to_string(),
-            r.layers_in_model.to_string(),
-            r.weights.clone(),
-            r.kernel.clone(),
-            r.weight_bytes.to_string(),
-            r.bytes_moved.to_string(),
-            r.runs.to_string(),
-            r.launches_per_run.to_string(),
-            format!("{:e}", r.median_s),
-            format!("{:e}", r.min_s),
-            format!("{:e}", r.max_s),
-            format!("{:e}", r.q1_s),
-            format!("{:e}", r.q3_s),
-            format!("{:.4}", r.gbps),
-            format!("{:.4}", r.gflops),
-            format!("{:.4}", r.fraction_of_bandwidth),
-            format!("{:.4}", r.speedup_vs_baseline),
-        ]));
-    }
-    out
 }
 
 /// Random 4-bit weights of one matrix.

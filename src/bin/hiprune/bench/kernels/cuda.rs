@@ -6,15 +6,15 @@ use std::time::Instant;
 
 use half::f16;
 use hiprune::backend::cuda::{
-    CudaDenseLinear, CudaDevice, CudaQ4Linear, DeviceInfo, GEMV_MAX_M, Q4Kernel, StreamTimer,
+    CudaDenseLinear, CudaDevice, CudaQ4Linear, GEMV_MAX_M, Q4Kernel, StreamTimer,
     measure_copy_bandwidth,
 };
 use hiprune::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Cell, KernelArgs, Measurement, Q4Data, Shape, Variant};
-use crate::report::GpuInfo;
+use super::{Cell, KernelArgs, Q4Data, Shape, Variant};
+use crate::bench::report::{Measurement, quantile};
 
 /// Largest buffer of the copy-bandwidth measurement.
 const COPY_BYTES: usize = 1 << 30;
@@ -29,44 +29,6 @@ const MIN_RUN_S: f64 = 200e-6;
 
 /// Most launches in one timed run.
 const MAX_BATCH: usize = 256;
-
-/// The card, driver, runtime and clocks for the report header; `None` when no device
-/// can be opened (the benchmark itself then reports why).
-pub(super) fn device_info() -> Option<GpuInfo> {
-    CudaDevice::new(0).ok().map(|d| gpu_info(&d.info()))
-}
-
-/// [`GpuInfo`] from what the driver told; unreadable fields say `unknown` or are
-/// left out.
-pub(super) fn gpu_info(info: &DeviceInfo) -> GpuInfo {
-    let version = |v: Option<(u32, u32)>| v.map(|(a, b)| format!("{a}.{b}"));
-    let driver = match (&info.driver_release, version(info.driver_cuda_version)) {
-        (Some(r), Some(v)) => format!("{r} (CUDA {v})"),
-        (Some(r), None) => r.clone(),
-        (None, Some(v)) => format!("CUDA {v}"),
-        (None, None) => "unknown".to_string(),
-    };
-    let mut clocks = Vec::new();
-    if let Some(khz) = info.sm_clock_khz {
-        clocks.push(format!("SM {} MHz", khz / 1000));
-    }
-    if let Some(khz) = info.memory_clock_khz {
-        clocks.push(format!("memory {} MHz", khz / 1000));
-    }
-    if let Some(bits) = info.memory_bus_bits {
-        clocks.push(format!("{bits}-bit bus"));
-    }
-    let (major, minor) = info.compute_capability;
-    GpuInfo {
-        name: info.name.clone(),
-        driver,
-        cuda_version: version(info.runtime_version).unwrap_or_else(|| "unknown".into()),
-        memory_bytes: info.total_memory,
-        compute_capability: format!("{major}.{minor}"),
-        multiprocessors: info.multiprocessors,
-        clocks: (!clocks.is_empty()).then(|| clocks.join(", ")),
-    }
-}
 
 /// Times `f(i)` (launch number `i`, for rotating over weight copies) with events on
 /// `device`'s stream: one warm-up launch, one launch alone to size the batch, then runs
@@ -179,7 +141,7 @@ pub(super) fn kernels(
             let (times, batch) = time_launches(&device, args.seconds, |r| {
                 dense[r % dense.len()].forward_into(&x, &mut y)
             })?;
-            let baseline = super::quantile(&times, 0.5);
+            let baseline = quantile(&times, 0.5);
             results.push(cell.measurement("f16", "cublas", n * k * 2, &times, batch, baseline));
             let kernel = if m <= GEMV_MAX_M { "gemv" } else { "gemm" };
             for (v, layers) in &q4 {

@@ -5,7 +5,6 @@
 //! `bench model-run` subcommand, which prints one JSON object on stdout), so the peak
 //! resident set reported for a model is that model's alone.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -25,11 +24,15 @@ use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::{Error, Result};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use serde::{Deserialize, Serialize};
 
-use crate::bench::{backend_name, check_backend, gpu_info, quantile};
+#[cfg(feature = "cuda")]
+use super::probe::CudaMemoryProbe;
+use super::probe::{
+    MemoryProbe, NoDeviceMemory, backend_name, check_backend, gpu_info, proc_status_bytes, touch,
+};
+use super::report::{ModelReport, ModelRun, Settings, compare, model_csv, model_table, quantile};
 use crate::forward::BackendChoice;
-use crate::report::{OutputFormat, ReportHeader, Table, csv_line, human_bytes};
+use crate::report::{OutputFormat, ReportHeader};
 
 /// Most context tokens accepted (SD3 uses 77 CLIP + 256 T5 = 333).
 pub const MAX_CONTEXT_TOKENS: usize = 8192;
@@ -111,112 +114,6 @@ pub struct ModelRunArgs {
     /// Backend to run on.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendChoice,
-}
-
-/// Device memory of one model run on a GPU: the allocator's accounting (bytes the
-/// backend asked for) and the driver's free-memory reading (all processes, with the
-/// driver's rounding and the context's own memory).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceMemory {
-    /// Weight bytes on the device after loading.
-    pub weights_bytes: u64,
-    /// Peak bytes of activations and temporaries.
-    pub scratch_peak_bytes: u64,
-    /// Peak of weights + scratch together.
-    pub peak_bytes: u64,
-    /// Free device memory before loading.
-    pub driver_free_before_bytes: u64,
-    /// Free device memory after loading.
-    pub driver_free_after_load_bytes: u64,
-    /// Lowest free device memory seen after a step.
-    pub driver_free_min_bytes: u64,
-    /// `free before - lowest free`: what the run took from the device at its peak.
-    pub driver_used_peak_bytes: u64,
-}
-
-/// What one model measured (the child's JSON).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelRun {
-    /// Name in the report.
-    pub label: String,
-    /// The file or folder measured.
-    pub source: String,
-    /// Blocks of the architecture.
-    pub blocks_total: usize,
-    /// Blocks the model runs.
-    pub blocks_run: usize,
-    /// Linear layers per storage, e.g. `int4 g64: 308`.
-    pub linear_formats: BTreeMap<String, usize>,
-    /// Bytes of the linear weights as stored.
-    pub linear_weight_bytes: u64,
-    /// Bytes of the f32 copies of biases, patch convolution, positional table, norms.
-    pub other_weight_bytes: u64,
-    /// `linear_weight_bytes + other_weight_bytes`: the weights the model keeps resident.
-    pub weight_bytes: u64,
-    /// Seconds to open the model.
-    pub load_s: f64,
-    /// Resident set after loading and touching every weight page, before sampling.
-    pub rss_before_sampling_bytes: u64,
-    /// Peak resident set of the process (VmHWM).
-    pub peak_rss_bytes: u64,
-    /// `peak - before sampling`: activations and other scratch of the sampling loop.
-    pub scratch_bytes: u64,
-    /// Seconds of each denoising step.
-    pub step_s: Vec<f64>,
-    /// Median step.
-    pub step_median_s: f64,
-    /// Fastest step.
-    pub step_min_s: f64,
-    /// Slowest step.
-    pub step_max_s: f64,
-    /// Seconds of the whole sampling loop.
-    pub sampling_s: f64,
-    /// Threads used.
-    pub threads: usize,
-    /// Device memory (GPU runs only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_memory: Option<DeviceMemory>,
-}
-
-/// Ratios of the compressed model against the original, from one run.
-#[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    /// `1 - compressed / original` weight bytes.
-    pub weight_bytes_reduction: f64,
-    /// `1 - compressed / original` peak RSS.
-    pub peak_rss_reduction: f64,
-    /// `1 - compressed / original` peak device memory (allocator accounting; GPU runs).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peak_device_reduction: Option<f64>,
-    /// `1 - compressed / original` median step latency.
-    pub step_latency_reduction: f64,
-    /// `original / compressed` median step latency.
-    pub step_speedup: f64,
-    /// `original / compressed` sampling time.
-    pub sampling_speedup: f64,
-}
-
-#[derive(Serialize)]
-struct Settings {
-    source: String,
-    resolution: usize,
-    latent: usize,
-    image_tokens: usize,
-    context_tokens: usize,
-    batch: usize,
-    steps: usize,
-    seed: u64,
-    compressed: String,
-    setup: String,
-    notes: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct ModelReport {
-    header: ReportHeader,
-    settings: Settings,
-    models: Vec<ModelRun>,
-    comparison: Option<Comparison>,
 }
 
 /// The latent side for `resolution` pixels, or why `cfg` cannot run it.
@@ -520,94 +417,6 @@ pub fn run(args: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// Device memory readings around one model run (GPU backends); the CPU has none.
-trait MemoryProbe {
-    /// Called right before the model is loaded.
-    fn before_load(&mut self) -> Result<()>;
-    /// Called right after the model is loaded.
-    fn after_load(&mut self) -> Result<()>;
-    /// Called after each denoising step.
-    fn after_step(&mut self);
-    /// The figures of the run.
-    fn finish(&self) -> Option<DeviceMemory>;
-}
-
-/// The CPU's [`MemoryProbe`]: nothing to read.
-struct NoDeviceMemory;
-
-impl MemoryProbe for NoDeviceMemory {
-    fn before_load(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn after_load(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn after_step(&mut self) {}
-    fn finish(&self) -> Option<DeviceMemory> {
-        None
-    }
-}
-
-/// The [`MemoryProbe`] of a CUDA device: the handle's memory ledger and the driver's
-/// free memory. It must read the same `CudaDevice` handle (or a clone) the backend
-/// allocates through, or the ledger stays empty.
-#[cfg(feature = "cuda")]
-struct CudaMemoryProbe {
-    device: hiprune::backend::cuda::CudaDevice,
-    free_before: u64,
-    free_after_load: u64,
-    free_min: u64,
-    weights: u64,
-}
-
-#[cfg(feature = "cuda")]
-impl CudaMemoryProbe {
-    fn new(device: &hiprune::backend::cuda::CudaDevice) -> Result<Self> {
-        let free = device.free_memory()?;
-        Ok(CudaMemoryProbe {
-            device: device.clone(),
-            free_before: free,
-            free_after_load: free,
-            free_min: free,
-            weights: 0,
-        })
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl MemoryProbe for CudaMemoryProbe {
-    fn before_load(&mut self) -> Result<()> {
-        self.free_before = self.device.free_memory()?;
-        self.free_min = self.free_before;
-        Ok(())
-    }
-    fn after_load(&mut self) -> Result<()> {
-        self.device.synchronize()?;
-        self.free_after_load = self.device.free_memory()?;
-        self.free_min = self.free_min.min(self.free_after_load);
-        self.weights = self.device.memory().weights.current;
-        Ok(())
-    }
-    fn after_step(&mut self) {
-        // A failed reading only loses one sample; the step itself reports errors.
-        if let Ok(free) = self.device.free_memory() {
-            self.free_min = self.free_min.min(free);
-        }
-    }
-    fn finish(&self) -> Option<DeviceMemory> {
-        let m = self.device.memory();
-        Some(DeviceMemory {
-            weights_bytes: self.weights,
-            scratch_peak_bytes: m.scratch.peak,
-            peak_bytes: m.total.peak,
-            driver_free_before_bytes: self.free_before,
-            driver_free_after_load_bytes: self.free_after_load,
-            driver_free_min_bytes: self.free_min,
-            driver_used_peak_bytes: self.free_before.saturating_sub(self.free_min),
-        })
-    }
-}
-
 /// Measures one model on CUDA device 0 (the child of `bench model --backend cuda`).
 #[cfg(feature = "cuda")]
 fn measure_model_cuda(args: &ModelRunArgs, threads: usize) -> Result<ModelRun> {
@@ -689,187 +498,6 @@ fn measure_in_child(target: &Target, args: &ModelArgs, resolution: usize) -> Res
             format!("the child process printed no valid report: {e}"),
         )
     })
-}
-
-fn compare(orig: &ModelRun, comp: &ModelRun) -> Comparison {
-    let red = |a: f64, b: f64| if a > 0.0 { 1.0 - b / a } else { f64::NAN };
-    Comparison {
-        weight_bytes_reduction: red(orig.weight_bytes as f64, comp.weight_bytes as f64),
-        peak_rss_reduction: red(orig.peak_rss_bytes as f64, comp.peak_rss_bytes as f64),
-        peak_device_reduction: match (&orig.device_memory, &comp.device_memory) {
-            (Some(o), Some(c)) => Some(red(o.peak_bytes as f64, c.peak_bytes as f64)),
-            _ => None,
-        },
-        step_latency_reduction: red(orig.step_median_s, comp.step_median_s),
-        step_speedup: orig.step_median_s / comp.step_median_s,
-        sampling_speedup: orig.sampling_s / comp.sampling_s,
-    }
-}
-
-fn formats_text(m: &ModelRun) -> String {
-    m.linear_formats
-        .iter()
-        .map(|(f, n)| format!("{f} x{n}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn model_table(r: &ModelReport) -> String {
-    let s = &r.settings;
-    let mut out = r.header.text("hiprune bench model");
-    out.push_str(&format!("  {:<12} {}\n", "model", s.source));
-    if !s.setup.is_empty() {
-        out.push_str(&format!("  {:<12} {}\n", "setup", s.setup));
-    }
-    out.push_str(&format!("  {:<12} {}\n", "compressed", s.compressed));
-    out.push_str(&format!(
-        "  {:<12} {res}x{res} px = {lat}x{lat} latent = {img} image tokens + {ctx} context tokens, batch {b}, {st} steps\n",
-        "run",
-        res = s.resolution,
-        lat = s.latent,
-        img = s.image_tokens,
-        ctx = s.context_tokens,
-        b = s.batch,
-        st = s.steps
-    ));
-    for note in &s.notes {
-        out.push_str(&format!("  {:<12} {note}\n", "note"));
-    }
-    out.push('\n');
-    let device = r.models.iter().any(|m| m.device_memory.is_some());
-    let mut columns = vec!["model", "blocks", "linear weights", "weight bytes"];
-    if device {
-        columns.extend(["device peak", "driver used"]);
-    }
-    columns.extend([
-        "peak RSS",
-        "scratch",
-        "step median",
-        "step min-max",
-        "sampling",
-    ]);
-    let mut table = Table::new(&columns);
-    for m in &r.models {
-        let mut row = vec![
-            m.label.clone(),
-            format!("{}/{}", m.blocks_run, m.blocks_total),
-            formats_text(m),
-            human_bytes(m.weight_bytes),
-        ];
-        if device {
-            let d = m.device_memory.unwrap_or_default();
-            row.push(human_bytes(d.peak_bytes));
-            row.push(human_bytes(d.driver_used_peak_bytes));
-        }
-        row.extend([
-            human_bytes(m.peak_rss_bytes),
-            human_bytes(m.scratch_bytes),
-            format!("{:.3} s", m.step_median_s),
-            format!("{:.3}-{:.3} s", m.step_min_s, m.step_max_s),
-            format!("{:.2} s", m.sampling_s),
-        ]);
-        table.row(row);
-    }
-    out.push_str(&table.render());
-    if device {
-        out.push_str("weight bytes and scratch are on the device; peak RSS is the host process.\n");
-    }
-    if let Some(c) = &r.comparison {
-        out.push_str(&format!(
-            "reduction, compressed vs original (same run): weight bytes {:.1}%, peak RSS {:.1}%, step latency {:.1}% (step {:.2}x, sampling {:.2}x as fast)\n",
-            100.0 * c.weight_bytes_reduction,
-            100.0 * c.peak_rss_reduction,
-            100.0 * c.step_latency_reduction,
-            c.step_speedup,
-            c.sampling_speedup
-        ));
-        if let Some(d) = c.peak_device_reduction {
-            out.push_str(&format!(
-                "reduction of peak device memory (allocator accounting): {:.1}%\n",
-                100.0 * d
-            ));
-        }
-    }
-    out
-}
-
-fn model_csv(r: &ModelReport) -> String {
-    let s = &r.settings;
-    let mut out = r.header.csv_comments();
-    out.push_str(&format!(
-        "# model: {}\n# compressed: {}\n# resolution: {}\n# context tokens: {}\n# steps: {}\n",
-        s.source, s.compressed, s.resolution, s.context_tokens, s.steps
-    ));
-    for note in &s.notes {
-        out.push_str(&format!("# note: {note}\n"));
-    }
-    out.push_str(&csv_line(
-        &[
-            "label",
-            "blocks_run",
-            "blocks_total",
-            "linear_formats",
-            "weight_bytes",
-            "peak_rss_bytes",
-            "scratch_bytes",
-            "step_median_s",
-            "step_min_s",
-            "step_max_s",
-            "sampling_s",
-            "device_weights_bytes",
-            "device_scratch_peak_bytes",
-            "device_peak_bytes",
-            "driver_used_peak_bytes",
-        ]
-        .map(String::from),
-    ));
-    for m in &r.models {
-        out.push_str(&csv_line(
-            &[
-                m.label.clone(),
-                m.blocks_run.to_string(),
-                m.blocks_total.to_string(),
-                formats_text(m),
-                m.weight_bytes.to_string(),
-                m.peak_rss_bytes.to_string(),
-                m.scratch_bytes.to_string(),
-                format!("{:e}", m.step_median_s),
-                format!("{:e}", m.step_min_s),
-                format!("{:e}", m.step_max_s),
-                format!("{:e}", m.sampling_s),
-            ]
-            .into_iter()
-            .chain(
-                [
-                    m.device_memory.map(|d| d.weights_bytes),
-                    m.device_memory.map(|d| d.scratch_peak_bytes),
-                    m.device_memory.map(|d| d.peak_bytes),
-                    m.device_memory.map(|d| d.driver_used_peak_bytes),
-                ]
-                .map(|v| v.map(|b| b.to_string()).unwrap_or_default()),
-            )
-            .collect::<Vec<_>>(),
-        ));
-    }
-    out
-}
-
-/// A `/proc/self/status` field in bytes (0 where unreadable).
-fn proc_status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|rest| rest.trim_start_matches(':').split_whitespace().next())
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// Reads one value per 4 KiB page of `bytes` so the pages are resident.
-fn touch(bytes: &[u8]) -> u64 {
-    bytes.iter().step_by(4096).map(|&b| b as u64).sum()
 }
 
 /// The weight bytes of `model` (the count `inspect` and the C ABI report too), with
