@@ -168,3 +168,47 @@ fn sample_from_a_seed_has_the_requested_size() {
     assert_eq!(latent.shape, vec![1, 4, 6, 10]);
     assert!(latent.data.iter().all(|v| v.is_finite()));
 }
+
+/// `inspect` reports the weight bytes a loaded model holds with the one count the
+/// C ABI (`hp_model_get_info`) and `bench model` use.
+#[test]
+fn inspect_reports_the_loaded_models_weight_bytes() {
+    use hiprune::backend::Device;
+    use hiprune::model::AnyModel;
+
+    let dir = tempfile::tempdir().unwrap();
+    let package = dir.path().join("sd35.hpk");
+    let out = hiprune(&[
+        "compress".as_ref(),
+        fixture("sd35").as_os_str(),
+        "-o".as_ref(),
+        package.as_os_str(),
+        "--weights".as_ref(),
+        "int4".as_ref(),
+        "--remove-blocks".as_ref(),
+        "2".as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = hiprune(&["inspect".as_ref(), package.as_os_str(), "--json".as_ref()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = AnyModel::load_on(&package, Device::Cpu).unwrap();
+    let held = serde_json::to_value(model.weight_bytes().unwrap()).unwrap();
+    assert_eq!(report["weight_bytes"], held);
+    assert!(held["int4"].as_u64().unwrap() > 0, "{held}");
+    assert!(
+        held["layers"]
+            .as_object()
+            .unwrap()
+            .contains_key("int4sym g64"),
+        "{held}"
+    );
+}

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use hiprune::format::Precision;
+use hiprune::model::{PruneSpec, WeightBytes, Weights};
 use hiprune::{Error, Package, Result};
 use serde::Serialize;
 
@@ -35,6 +36,9 @@ struct InspectReport {
     reduction_vs_f16: f64,
     provenance: hiprune::format::Provenance,
     checksums_verified: bool,
+    /// The weights a model loaded from the package holds, by storage: the count that
+    /// `hp_model_get_info` and `bench model` report (absent without an architecture).
+    weight_bytes: Option<WeightBytes>,
 }
 
 /// Runs `hiprune inspect`.
@@ -116,6 +120,11 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
         reduction_vs_f16: 1.0 - tensor_bytes as f64 / dense_f16_bytes.max(1) as f64,
         provenance: manifest.provenance.clone(),
         checksums_verified: verify,
+        weight_bytes: None,
+    };
+    let report = InspectReport {
+        weight_bytes: held_weight_bytes(package)?,
+        ..report
     };
     if json {
         let text = serde_json::to_string_pretty(&report)
@@ -125,6 +134,26 @@ pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
         print_report(&report);
     }
     Ok(())
+}
+
+/// The weights a model loaded from `package` holds (see [`WeightBytes`]).
+fn held_weight_bytes(package: Package) -> Result<Option<WeightBytes>> {
+    let Some(cfg) = package.manifest().architecture.clone() else {
+        return Ok(None);
+    };
+    cfg.validate()?;
+    let kept: Vec<usize> = package
+        .manifest()
+        .kept_blocks
+        .iter()
+        .map(|&b| b as usize)
+        .collect();
+    let spec = if kept.is_empty() {
+        PruneSpec::none()
+    } else {
+        PruneSpec::keep_only(cfg.num_layers, &kept)
+    };
+    WeightBytes::count(&Weights::from_package(package), &cfg, &spec).map(Some)
 }
 
 fn precision_family(p: Precision) -> &'static str {
@@ -195,6 +224,14 @@ fn print_report(r: &InspectReport) {
         println!("{precision:>6} layers: {}", human_bytes(*bytes));
     }
     println!(" other tensors: {}", human_bytes(r.other_tensor_bytes));
+    if let Some(w) = &r.weight_bytes {
+        println!(
+            "held when loaded: {} ({} linear weights, {} biases, small tensors and table)",
+            human_bytes(w.total()),
+            human_bytes(w.linear()),
+            human_bytes(w.other)
+        );
+    }
     println!(
         "total: {} vs {} dense f16 ({:.1}% smaller){}",
         human_bytes(r.tensor_bytes),
