@@ -34,6 +34,18 @@
 /** Weight kinds, as template parameters. */
 enum hp_q4_kind { HP_Q4_INT4 = 0, HP_Q4_INT4SYM = 1, HP_Q4_NF4 = 2 };
 
+/**
+ * Defines hp_launch_<OP>_<NAME>_f16, the extern "C" launcher declared in launch.h, as a
+ * call of hp_<OP><KIND>. Use at file scope, after the template hp_<OP> is defined.
+ */
+#define HP_Q4_LINEAR_LAUNCHER(OP, NAME, KIND)                                                  \
+    extern "C" int32_t hp_launch_##OP##_##NAME##_f16(                                          \
+        const uint16_t *x, const uint8_t *qweight, const uint16_t *scales,                     \
+        const uint16_t *offsets, const uint16_t *bias, uint16_t *y, int32_t m, int32_t n,      \
+        int32_t k, int32_t group, void *stream) {                                              \
+        return hp_##OP<KIND>(x, qweight, scales, offsets, bias, y, m, n, k, group, stream);    \
+    }
+
 /** True when `p` is a multiple of `align` bytes. */
 static inline bool hp_aligned(const void *p, uintptr_t align) {
     return ((uintptr_t)p % align) == 0;

@@ -173,24 +173,6 @@ int32_t hp_gemv(const uint16_t *x, const uint8_t *qw, const uint16_t *scales,
 
 } // namespace
 
-extern "C" int32_t hp_launch_gemv_int4_f16(const uint16_t *x, const uint8_t *qweight,
-                                           const uint16_t *scales, const uint16_t *offsets,
-                                           const uint16_t *bias, uint16_t *y, int32_t m,
-                                           int32_t n, int32_t k, int32_t group, void *stream) {
-    return hp_gemv<HP_Q4_INT4>(x, qweight, scales, offsets, bias, y, m, n, k, group, stream);
-}
-
-extern "C" int32_t hp_launch_gemv_int4sym_f16(const uint16_t *x, const uint8_t *qweight,
-                                              const uint16_t *scales, const uint16_t *offsets,
-                                              const uint16_t *bias, uint16_t *y, int32_t m,
-                                              int32_t n, int32_t k, int32_t group,
-                                              void *stream) {
-    return hp_gemv<HP_Q4_INT4SYM>(x, qweight, scales, offsets, bias, y, m, n, k, group, stream);
-}
-
-extern "C" int32_t hp_launch_gemv_nf4_f16(const uint16_t *x, const uint8_t *qweight,
-                                          const uint16_t *scales, const uint16_t *offsets,
-                                          const uint16_t *bias, uint16_t *y, int32_t m,
-                                          int32_t n, int32_t k, int32_t group, void *stream) {
-    return hp_gemv<HP_Q4_NF4>(x, qweight, scales, offsets, bias, y, m, n, k, group, stream);
-}
+HP_Q4_LINEAR_LAUNCHER(gemv, int4, HP_Q4_INT4)
+HP_Q4_LINEAR_LAUNCHER(gemv, int4sym, HP_Q4_INT4SYM)
+HP_Q4_LINEAR_LAUNCHER(gemv, nf4, HP_Q4_NF4)

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 
-/// The bindgen output for `cuda/launch.h` (`ffi/regen-cuda-bindings.sh`; CI regenerates
+/// The bindgen output for `cuda/launch.h` (`ffi/regen-bindings.sh`; CI regenerates
 /// it and fails on a diff).
 #[allow(
     non_camel_case_types,
