@@ -22,11 +22,12 @@ use crate::model::weights::Weights;
 
 /// An MMDiT model on the device chosen at run time.
 pub enum AnyModel {
-    /// On the CPU backend.
-    Cpu(Mmdit<CpuBackend>),
+    /// On the CPU backend (boxed, like every variant: a model's top layers are held
+    /// inline).
+    Cpu(Box<Mmdit<CpuBackend>>),
     /// On the CUDA backend.
     #[cfg(feature = "cuda")]
-    Cuda(Mmdit<CudaBackend>),
+    Cuda(Box<Mmdit<CudaBackend>>),
 }
 
 impl std::fmt::Debug for AnyModel {
@@ -58,9 +59,9 @@ impl AnyModel {
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<AnyModel> {
         device.ensure_compiled()?;
         match device {
-            Device::Cpu => Ok(AnyModel::Cpu(Mmdit::load(path)?)),
+            Device::Cpu => Ok(AnyModel::Cpu(Box::new(Mmdit::load(path)?))),
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => Ok(AnyModel::Cuda(Mmdit::load_on(path, device)?)),
+            Device::Cuda(_) => Ok(AnyModel::Cuda(Box::new(Mmdit::load_on(path, device)?))),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable_backend(device),
         }
@@ -78,19 +79,19 @@ impl AnyModel {
     ) -> Result<AnyModel> {
         device.ensure_compiled()?;
         match device {
-            Device::Cpu => Ok(AnyModel::Cpu(Mmdit::with_shared_weights(
+            Device::Cpu => Ok(AnyModel::Cpu(Box::new(Mmdit::with_shared_weights(
                 CpuBackend::new(),
                 config,
                 weights,
                 spec,
-            )?)),
+            )?))),
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => Ok(AnyModel::Cuda(Mmdit::with_shared_weights(
+            Device::Cuda(_) => Ok(AnyModel::Cuda(Box::new(Mmdit::with_shared_weights(
                 CudaBackend::open(device)?,
                 config,
                 weights,
                 spec,
-            )?)),
+            )?))),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => unreachable_backend(device),
         }
