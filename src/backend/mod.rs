@@ -115,6 +115,10 @@ impl std::fmt::Display for Device {
 }
 
 /// Host storage that lends linear-layer weights by layer name, without copying.
+///
+/// The contract backends rely on: a view it returns is exactly `[n, k]` (`view.n() ==
+/// n`, `view.k() == k`), so an uploaded layer's shape is the one the model asked for
+/// and backends do not check it again.
 pub trait LinearSource: Send + Sync {
     /// The weight matrix of layer `layer` (its `<layer>.weight`) as an `[n, k]` view;
     /// an error if it is missing or has another shape.

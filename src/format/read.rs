@@ -1,7 +1,7 @@
 //! Opening a package and reading its tensors.
 //!
 //! [`Package::open`] maps the file read-only and checks every rule of `docs/FORMAT.md`
-//! ([`super::validate`]) before it returns, so each view it hands out afterwards is a
+//! (`format/validate.rs`) before it returns, so each view it hands out afterwards is a
 //! bounds-checked, correctly aligned, zero-copy slice of the map.
 
 use std::collections::{BTreeMap, HashMap};

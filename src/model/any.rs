@@ -30,16 +30,6 @@ pub enum AnyModel {
     Cuda(Box<Mmdit<CudaBackend>>),
 }
 
-impl std::fmt::Debug for AnyModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AnyModel::Cpu(m) => m.fmt(f),
-            #[cfg(feature = "cuda")]
-            AnyModel::Cuda(m) => m.fmt(f),
-        }
-    }
-}
-
 /// Runs `$body` with `$m` bound to the [`Mmdit`] inside `$model`, whatever its backend.
 macro_rules! on_model {
     ($model:expr, $m:ident => $body:expr) => {
@@ -51,19 +41,24 @@ macro_rules! on_model {
     };
 }
 
+impl std::fmt::Debug for AnyModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        on_model!(self, m => m.fmt(f))
+    }
+}
+
 impl AnyModel {
     /// Loads a diffusers transformer folder or an `.hpk` package onto `device`. An
-    /// error if the device cannot be used: [`crate::Error::BackendNotCompiled`] for CUDA in a
-    /// build without the `cuda` feature, [`crate::Error::NoCudaDevice`] when the driver or the
-    /// device is missing.
+    /// error if the device cannot be used: [`crate::Error::BackendNotCompiled`] for
+    /// CUDA in a build without the `cuda` feature, [`crate::Error::NoCudaDevice`] when
+    /// the driver or the device is missing.
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<AnyModel> {
-        device.ensure_compiled()?;
         match device {
             Device::Cpu => Ok(AnyModel::Cpu(Box::new(Mmdit::load(path)?))),
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => Ok(AnyModel::Cuda(Box::new(Mmdit::load_on(path, device)?))),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable_backend(device),
+            Device::Cuda(_) => Err(not_compiled(device)),
         }
     }
 
@@ -77,7 +72,6 @@ impl AnyModel {
         spec: PruneSpec,
         device: Device,
     ) -> Result<AnyModel> {
-        device.ensure_compiled()?;
         match device {
             Device::Cpu => Ok(AnyModel::Cpu(Box::new(Mmdit::with_shared_weights(
                 CpuBackend::new(),
@@ -93,7 +87,7 @@ impl AnyModel {
                 spec,
             )?))),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => unreachable_backend(device),
+            Device::Cuda(_) => Err(not_compiled(device)),
         }
     }
 
@@ -157,11 +151,10 @@ impl AnyModel {
     }
 }
 
-/// A CUDA device in a build without the CUDA backend: [`Device::ensure_compiled`]
-/// refuses it before this is reached, so this only turns that into an error again.
+/// The error for a CUDA device in a build without the CUDA backend.
 #[cfg(not(feature = "cuda"))]
-fn unreachable_backend<T>(device: Device) -> Result<T> {
-    Err(Error::BackendNotCompiled {
+fn not_compiled(device: Device) -> Error {
+    Error::BackendNotCompiled {
         device: device.to_string(),
-    })
+    }
 }

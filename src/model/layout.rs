@@ -1,6 +1,6 @@
 //! The tensors an MMDiT model needs, with diffusers names and shapes, for a config and
 //! a pruning plan (removed blocks and sub-components need no weights): the list
-//! [`crate::model::layers`] loads, recorded instead of uploaded.
+//! the model loads (`model/layers.rs`), recorded instead of uploaded.
 
 use super::layers::{BlockLayers, LayerSink, TopLayers};
 use super::prune::PruneSpec;

@@ -217,17 +217,8 @@ impl<B: Backend> Mmdit<B> {
                     "holds no model architecture",
                 )
             })?;
-            let kept: Vec<usize> = package
-                .manifest()
-                .kept_blocks
-                .iter()
-                .map(|&i| i as usize)
-                .collect();
-            let spec = if kept.is_empty() {
-                PruneSpec::none()
-            } else {
-                PruneSpec::keep_only(config.num_layers, &kept)
-            };
+            let spec =
+                PruneSpec::from_kept_blocks(config.num_layers, &package.manifest().kept_blocks);
             Mmdit::with_backend(backend, config, Weights::from_package(package), spec)
         }
     }

@@ -98,6 +98,16 @@ impl PruneSpec {
         PruneSpec::remove_blocks((0..num_layers).filter(|i| !kept.contains(i)))
     }
 
+    /// The plan a package's manifest records as `kept_blocks` (original indices):
+    /// every block when the list is empty (an unpruned package).
+    pub fn from_kept_blocks(num_layers: usize, kept: &[u32]) -> Self {
+        if kept.is_empty() {
+            return PruneSpec::none();
+        }
+        let kept: Vec<usize> = kept.iter().map(|&i| i as usize).collect();
+        PruneSpec::keep_only(num_layers, &kept)
+    }
+
     /// Parses a comma-separated block list such as `3,5` (empty string = none).
     pub fn parse_block_list(list: &str) -> Result<BTreeSet<usize>> {
         list.split(',')

@@ -188,14 +188,9 @@ impl Backend for CpuBackend {
         k: usize,
         bias: Option<&[f32]>,
     ) -> Result<CpuLinear> {
-        let view = source.linear_weights(layer, n, k)?;
-        if view.n() != n || view.k() != k {
-            return Err(Error::ShapeMismatch {
-                tensor: format!("{layer}.weight"),
-                expected: vec![n, k],
-                found: vec![view.n(), view.k()],
-            });
-        }
+        // Checks the layer once (the source guarantees the shape of what it lends);
+        // each call borrows the view again.
+        source.linear_weights(layer, n, k)?;
         Ok(CpuLinear {
             weights: CpuWeights::Shared {
                 source: Arc::clone(source),

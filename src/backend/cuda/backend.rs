@@ -403,15 +403,7 @@ impl Backend for CudaBackend {
         k: usize,
         bias: Option<&[f32]>,
     ) -> Result<CudaLinear> {
-        let view = source.linear_weights(layer, n, k)?;
-        if view.n() != n || view.k() != k {
-            return Err(Error::ShapeMismatch {
-                tensor: format!("{layer}.weight"),
-                expected: vec![n, k],
-                found: vec![view.n(), view.k()],
-            });
-        }
-        match view {
+        match source.linear_weights(layer, n, k)? {
             LinearWeights::Dense { data, .. } => {
                 let w = dense_to_f16(data, layer)?;
                 Ok(CudaLinear::Dense(CudaDenseLinear::upload(

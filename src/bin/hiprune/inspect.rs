@@ -142,17 +142,7 @@ fn held_weight_bytes(package: Package) -> Result<Option<WeightBytes>> {
         return Ok(None);
     };
     cfg.validate()?;
-    let kept: Vec<usize> = package
-        .manifest()
-        .kept_blocks
-        .iter()
-        .map(|&b| b as usize)
-        .collect();
-    let spec = if kept.is_empty() {
-        PruneSpec::none()
-    } else {
-        PruneSpec::keep_only(cfg.num_layers, &kept)
-    };
+    let spec = PruneSpec::from_kept_blocks(cfg.num_layers, &package.manifest().kept_blocks);
     WeightBytes::count(&Weights::from_package(package), &cfg, &spec).map(Some)
 }
 
