@@ -45,6 +45,11 @@ for name in ["sd3", "sd35", "mmditx", "sd3_f16"]:
         seed = struct.pack("<HH", len(config), len(idx)) + config + idx + shard
         (corpus / "checkpoint_folder" / f"{name}-{suffix}.bin").write_bytes(seed)
     (corpus / "inputs_file" / f"{name}.safetensors").write_bytes((folder / "inputs.safetensors").read_bytes())
+
+# Single-file seeds: both lengths 0, then the file.
+for single in sorted((root / "tests" / "fixtures" / "single_file").glob("*.safetensors")):
+    seed = struct.pack("<HH", 0, 0) + single.read_bytes()
+    (corpus / "checkpoint_folder" / f"single-{single.stem}.bin").write_bytes(seed)
 PY
 echo "seed corpora written under $corpus"
 ls -l "$corpus"/*

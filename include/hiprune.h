@@ -175,8 +175,10 @@ HP_API hp_status hp_log_set(hp_log_callback callback, void *user_data);
 
 typedef struct hp_model hp_model;
 
-/* Loads an `.hpk` package (memory-mapped; the file must not change while loaded) or
- * a diffusers transformer folder (config.json + safetensors). On success *out_model
+/* Loads an `.hpk` package, a single-file checkpoint with Stability AI's tensor names
+ * (configuration read from the shapes with 64-wide heads; blocks it lacks are removed
+ * blocks) or a diffusers transformer folder (config.json + safetensors). Files are
+ * memory-mapped and must not change while loaded. On success *out_model
  * is a new handle; on failure it is set to NULL.
  * Returns HP_OK, HP_ERR_INVALID_ARGUMENT (path or out_model NULL, path not UTF-8),
  * HP_ERR_IO (missing or unreadable file), HP_ERR_INVALID_MODEL (corrupt or

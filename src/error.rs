@@ -143,6 +143,15 @@ pub enum Error {
         extra: u64,
     },
 
+    /// A single-file checkpoint breaks a rule of its layout.
+    #[error("{path}: {rule}")]
+    SingleFile {
+        /// The file.
+        path: PathBuf,
+        /// The rule.
+        rule: SingleFileRule,
+    },
+
     /// A tensor has a dtype other than the one required.
     #[error("tensor `{tensor}`: dtype {found}, expected {expected}")]
     DtypeMismatch {
@@ -367,6 +376,137 @@ impl Error {
         Error::InvalidArgument {
             what: what.into(),
             reason: reason.into(),
+        }
+    }
+}
+
+/// A rule of the single-file layout that a checkpoint breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SingleFileRule {
+    /// A transformer tensor with a name this reader does not know.
+    UnknownTensor {
+        /// The tensor (original name, prefix removed).
+        tensor: String,
+    },
+    /// A fused `qkv` whose first axis does not split into three.
+    QkvRows {
+        /// The tensor.
+        tensor: String,
+        /// Its first axis.
+        rows: usize,
+    },
+    /// A block with one of its two streams missing.
+    MissingStream {
+        /// The block index.
+        block: usize,
+        /// The stream present (`x_block` or `context_block`).
+        present: &'static str,
+        /// The stream missing.
+        missing: &'static str,
+    },
+    /// The hidden size is not a multiple of the head width.
+    HeadDim {
+        /// Hidden size D (from `x_embedder`).
+        hidden: usize,
+        /// The head width.
+        head_dim: usize,
+    },
+    /// The same tensor of two blocks has two shapes.
+    BlockShapes {
+        /// The tensor in the later block.
+        tensor: String,
+        /// Its shape.
+        found: Vec<usize>,
+        /// The earlier block with the other shape.
+        other_block: usize,
+        /// The shape there.
+        expected: Vec<usize>,
+    },
+    /// `pos_embed` is not `[1, side * side, D]`.
+    PosEmbedNotSquare {
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A tensor the configuration is read from is missing or has the wrong rank.
+    ShapeSource {
+        /// The tensor (original name).
+        tensor: &'static str,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The file holds no `joint_blocks`.
+    NoBlocks,
+    /// A `context_pre_only` block (two-chunk context modulation) that is not the last.
+    PreOnlyNotLast {
+        /// The `context_pre_only` block.
+        block: usize,
+        /// The last block present.
+        last: usize,
+    },
+    /// A block index at or past the configured depth.
+    BlockOutsideConfig {
+        /// The block.
+        block: usize,
+        /// The config's `num_layers`.
+        num_layers: usize,
+    },
+    /// The file uses diffusers names: it is part of a diffusers folder.
+    DiffusersNames,
+}
+
+impl std::fmt::Display for SingleFileRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SingleFileRule::UnknownTensor { tensor } => write!(
+                f,
+                "tensor `{tensor}` is not part of an SD3 / SD3.5 MMDiT single file"
+            ),
+            SingleFileRule::QkvRows { tensor, rows } => write!(
+                f,
+                "fused `{tensor}` has {rows} rows, not a multiple of 3 (q, k, v)"
+            ),
+            SingleFileRule::MissingStream {
+                block,
+                present,
+                missing,
+            } => write!(
+                f,
+                "block {block} has its `{present}` but no `{missing}` (a block is removed whole or not at all)"
+            ),
+            SingleFileRule::HeadDim { hidden, head_dim } => write!(
+                f,
+                "hidden size {hidden} is not a multiple of the head width {head_dim} (give the right one with --head-dim or --config)"
+            ),
+            SingleFileRule::BlockShapes {
+                tensor,
+                found,
+                other_block,
+                expected,
+            } => write!(
+                f,
+                "tensor `{tensor}` has shape {found:?} but block {other_block} has {expected:?}"
+            ),
+            SingleFileRule::PosEmbedNotSquare { shape } => write!(
+                f,
+                "`pos_embed` has shape {shape:?}, not [1, side * side, D] for a square grid"
+            ),
+            SingleFileRule::ShapeSource { tensor, expected } => {
+                write!(f, "tensor `{tensor}` must be present with shape {expected}")
+            }
+            SingleFileRule::NoBlocks => write!(f, "holds no `joint_blocks` tensors"),
+            SingleFileRule::PreOnlyNotLast { block, last } => write!(
+                f,
+                "block {block} has the last block's two-chunk context modulation, but block {last} follows it"
+            ),
+            SingleFileRule::BlockOutsideConfig { block, num_layers } => write!(
+                f,
+                "block {block} is outside the configured {num_layers} blocks"
+            ),
+            SingleFileRule::DiffusersNames => write!(
+                f,
+                "uses diffusers tensor names: open the folder that holds it (with its config.json)"
+            ),
         }
     }
 }

@@ -3,8 +3,8 @@
 
 use hiprune::Error;
 use hiprune::config::{MAX_CONFIG_FILE_BYTES, MAX_LAYERS};
+use hiprune::model::checkpoint::MAX_INDEX_FILE_BYTES;
 use hiprune::model::tensor::MAX_INPUT_FILE_BYTES;
-use hiprune::model::weights::MAX_INDEX_FILE_BYTES;
 use hiprune::model::{MmditConfig, TensorFile, Weights};
 
 /// A sparse file of `len` bytes: no disk space, no memory.

@@ -1,5 +1,7 @@
 //! [`generate_checkpoint`]: a diffusers-layout transformer folder with seeded random
-//! weights of the real shapes, for tests, benchmarks and the demo.
+//! weights of the real shapes, for tests, benchmarks and the demo; and
+//! [`generate_single_file`], the same model as one single-file checkpoint with
+//! Stability AI's names.
 //!
 //! The folder holds `config.json`, shards `diffusion_pytorch_model-0000i-of-0000n.safetensors`
 //! of at most [`GenerateOptions::max_shard_bytes`] each and the index
@@ -26,9 +28,10 @@ use rayon::prelude::*;
 use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
+use crate::model::checkpoint::single_file::DIFFUSION_PREFIX;
+use crate::model::checkpoint::{SHARD_INDEX, original_layout};
 use crate::model::layout::{Required, required_tensors};
 use crate::model::pos_embed::sincos_2d_f32;
-use crate::model::weights::SHARD_INDEX;
 use crate::model::{MmditConfig, PruneSpec};
 
 /// The default shard size limit, 2 GB.
@@ -235,9 +238,20 @@ impl TensorValues<'_> {
     /// Writes all `total` elements in order, made `chunk` at a time on the rayon pool
     /// (a bounded number of pieces in flight, so memory stays small).
     fn write(&self, w: &mut impl Write, total: usize, chunk: usize) -> std::io::Result<()> {
+        self.write_range(w, 0, total, chunk)
+    }
+
+    /// [`TensorValues::write`] of elements `start..total` only.
+    fn write_range(
+        &self,
+        w: &mut impl Write,
+        start: usize,
+        total: usize,
+        chunk: usize,
+    ) -> std::io::Result<()> {
         let chunk = chunk.max(1);
         let round = chunk.saturating_mul(rayon::current_num_threads().max(1));
-        let mut start = 0;
+        let mut start = start;
         while start < total {
             let end = total.min(start.saturating_add(round));
             let pieces: Vec<Vec<u8>> = (start..end)
@@ -377,6 +391,98 @@ fn generate_with_chunk(
         shards: paths,
         tensors: tensors.len(),
         total_bytes,
+    })
+}
+
+/// Writes a single-file checkpoint at `path`: Stability AI's tensor names under
+/// `model.diffusion_model.`, with exactly the values [`generate_checkpoint`] gives the
+/// same options (each original tensor is made of the diffusers tensors' streams: q, k
+/// and v concatenated, the halves of the two (shift, scale) modulations swapped), so
+/// it loads into the same model as the folder. Written to a temporary file beside
+/// `path` and renamed into place.
+pub fn generate_single_file(path: &Path, opts: &GenerateOptions) -> Result<GenerateSummary> {
+    opts.config.validate()?;
+    let elem = if opts.f16 { 2usize } else { 4 };
+    let tensors: BTreeMap<String, (Vec<usize>, Init)> = tensor_list(&opts.config)
+        .into_iter()
+        .map(|(name, shape, init)| (name, (shape, init)))
+        .collect();
+    let layout = original_layout(&|n| tensors.contains_key(n), opts.config.num_layers);
+
+    let mut header = Map::new();
+    header.insert("__metadata__".into(), json!({ "format": "pt" }));
+    let mut offset = 0usize;
+    for t in &layout {
+        let mut shape = tensors[&t.parts[0]].0.clone();
+        shape[0] *= t.parts.len();
+        let bytes = shape.iter().product::<usize>() * elem;
+        header.insert(
+            format!("{DIFFUSION_PREFIX}{}", t.name),
+            json!({
+                "dtype": if opts.f16 { "F16" } else { "F32" },
+                "shape": shape,
+                "data_offsets": [offset, offset + bytes],
+            }),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::invalid("single-file header", e.to_string()))?;
+    while !(8 + header.len()).is_multiple_of(8) {
+        header.push(b' ');
+    }
+
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&dir, e))?;
+    let io = |e| Error::io(path, e);
+    let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header).map_err(io)?;
+    for t in &layout {
+        for part in &t.parts {
+            let (shape, init) = &tensors[part];
+            let total: usize = shape.iter().product();
+            let table = match init {
+                Init::Sincos => {
+                    let cfg = &opts.config;
+                    sincos_2d_f32(
+                        cfg.pos_embed_max_size,
+                        cfg.sample_size / cfg.patch_size,
+                        cfg.hidden_size(),
+                    )?
+                }
+                _ => Vec::new(),
+            };
+            let values = TensorValues {
+                stream: opts.seed ^ name_hash(part),
+                init: *init,
+                table: &table,
+                f16: opts.f16,
+            };
+            if t.swapped {
+                values
+                    .write_range(&mut w, total / 2, total, CHUNK)
+                    .map_err(io)?;
+                values
+                    .write_range(&mut w, 0, total / 2, CHUNK)
+                    .map_err(io)?;
+            } else {
+                values.write(&mut w, total, CHUNK).map_err(io)?;
+            }
+        }
+    }
+    w.flush().map_err(io)?;
+    drop(w);
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(GenerateSummary {
+        shards: vec![path.to_path_buf()],
+        tensors: layout.len(),
+        total_bytes: offset as u64,
     })
 }
 

@@ -16,9 +16,11 @@ pub mod quantize;
 pub mod report;
 
 pub use analyze::{AnalyzeOptions, analyze_model, weight_scores};
-pub use generate::{GenerateOptions, GenerateSummary, Preset, generate_checkpoint};
+pub use generate::{
+    GenerateOptions, GenerateSummary, Preset, generate_checkpoint, generate_single_file,
+};
 pub use plan::{Plan, PlanOptions, PlanTarget, ProtectPrecision, make_plan};
 pub use quantize::{
-    CompressOptions, CompressSummary, Progress, WeightFormat, checkpoint_bytes, compress_checkpoint,
+    CompressOptions, CompressSummary, Progress, WeightFormat, compress_checkpoint, compress_opened,
 };
 pub use report::{BlockScores, ComponentScore, SensitivityReport};

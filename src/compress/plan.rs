@@ -85,6 +85,9 @@ pub struct PlanOptions {
     /// overestimates a package that computes it by the table's size (about 170 MiB in
     /// f16 for SD3.5 Large, 430 MiB for SD3.5 Medium).
     pub pos_table_computed: bool,
+    /// Blocks the checkpoint already lacks (a pruned single file): every target counts
+    /// them as removed, and the protected range does not apply to them.
+    pub absent_blocks: BTreeSet<usize>,
 }
 
 impl Default for PlanOptions {
@@ -99,6 +102,7 @@ impl Default for PlanOptions {
             weights: WeightFormat::Int4,
             group: 64,
             pos_table_computed: false,
+            absent_blocks: BTreeSet::new(),
         }
     }
 }
@@ -231,7 +235,7 @@ pub fn make_plan(
         removal_cost: &removal_cost,
     };
     let removed: BTreeSet<usize> = match &opts.target {
-        PlanTarget::None => BTreeSet::new(),
+        PlanTarget::None => opts.absent_blocks.clone(),
         PlanTarget::Remove(set) => search.explicit(set.clone())?,
         PlanTarget::Preset(name) => search.explicit(preset_blocks(name, cfg)?)?,
         PlanTarget::Blocks(n) => search.greedy(&|r| l - r.len() <= *n, &format!("{n} blocks"))?,
@@ -405,6 +409,8 @@ impl Search<'_> {
                 format!("block {b} is in the protected range 0..{floor}"),
             ));
         }
+        let mut set = set;
+        set.extend(self.opts.absent_blocks.iter().copied());
         if set.len() >= l {
             return Err(Error::invalid("removed blocks", "would remove every block"));
         }
@@ -422,8 +428,11 @@ impl Search<'_> {
         let cost = self.removal_cost;
         let mut order: Vec<usize> = (0..l).filter(|&i| cost[i].is_finite()).collect();
         order.sort_by(|&a, &b| cost[a].total_cmp(&cost[b]).then(b.cmp(&a)));
-        let mut removed = BTreeSet::new();
-        for &i in &order {
+        let mut removed = self.opts.absent_blocks.clone();
+        for &i in order
+            .iter()
+            .filter(|i| !self.opts.absent_blocks.contains(i))
+        {
             if done(&removed) {
                 return Ok(removed);
             }

@@ -1,5 +1,5 @@
-//! [`compress_checkpoint`]: a diffusers transformer folder to one `.hpk` package,
-//! streamed tensor by tensor.
+//! [`compress_checkpoint`]: a diffusers transformer folder or a single-file checkpoint
+//! (any [`Checkpoint`] but a package) to one `.hpk` package, streamed tensor by tensor.
 //!
 //! What is stored how (as in HierarchicalPrune's W4A16 setting):
 //! - every Linear weight `[N, K]` of a kept block and of the top level (timestep and
@@ -15,9 +15,11 @@
 //!   ([`sincos_2d_table`](crate::model::pos_embed::sincos_2d_table)): the manifest then
 //!   records it as [`Precision::Sincos2d`] and the loader computes it, giving exactly
 //!   the values the stored table would have had;
-//! - the tensors of removed blocks are not read at all.
+//! - the tensors of removed blocks are not read at all; blocks the checkpoint lacks (a
+//!   pruned single file) are removed blocks, so the manifest's `kept_blocks` holds the
+//!   original indices of the blocks present and kept.
 //!
-//! Memory: the checkpoint is memory-mapped ([`Weights::from_folder`]); one Linear at a
+//! Memory: the checkpoint is memory-mapped ([`Checkpoint::open`]); one Linear at a
 //! time is converted to f32 in blocks of rows through a reusable buffer and quantised
 //! row by row, and the pages of each source tensor are released once it is written, so
 //! the resident set stays within a small multiple of the largest tensor. The package is
@@ -33,9 +35,10 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::{Dtype, LayerEntry, PackageInfo, PackageWriter, Precision, Provenance};
+use crate::model::checkpoint::{Checkpoint, CheckpointKind, CheckpointOptions};
 use crate::model::layout::{Required, required_tensors};
 use crate::model::pos_embed::{round_value, sincos_2d_f32};
-use crate::model::weights::{POS_TABLE, SHARD_INDEX, SINGLE_FILE};
+use crate::model::weights::POS_TABLE;
 use crate::model::{MmditConfig, PruneSpec, Weights};
 use crate::quant::{DenseData, LinearWeights};
 use crate::quant::{
@@ -184,37 +187,6 @@ impl CompressSummary {
     }
 }
 
-/// Total bytes of the safetensors files of a diffusers folder: the single file, or
-/// the shards its index lists.
-pub fn checkpoint_bytes(dir: &Path) -> Result<u64> {
-    let index = dir.join(SHARD_INDEX);
-    let files: Vec<PathBuf> = if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::InvalidHeader {
-                path: index.clone(),
-                reason: e.to_string(),
-            })?;
-        let names: BTreeSet<String> = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.iter().map(|n| dir.join(n)).collect()
-    } else {
-        vec![dir.join(SINGLE_FILE)]
-    };
-    let mut total = 0u64;
-    for f in files {
-        total += std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?.len();
-    }
-    Ok(total)
-}
-
 /// The quantiser description stored in the provenance.
 fn quantizer_name(opts: &CompressOptions) -> String {
     match opts.weights {
@@ -269,26 +241,51 @@ fn check_options(cfg: &MmditConfig, opts: &CompressOptions) -> Result<()> {
     Ok(())
 }
 
-/// Compresses the diffusers transformer folder `src` (`config.json` plus one or
-/// sharded F32/F16/BF16 safetensors files) into the package `dst`.
-///
-/// `progress` is called after each tensor. Errors: the config's
-/// ([`MmditConfig::from_file`]), a missing tensor ([`Error::MissingTensor`]), a tensor
-/// whose shape does not match the config ([`Error::ShapeMismatch`]), a non-finite
-/// weight or one out of f16 range ([`Error::InvalidArgument`] naming the tensor), an
-/// unsupported group size, and I/O errors naming the path. On error no file is left at
-/// `dst`.
+/// Compresses the checkpoint at `src` (a diffusers transformer folder or a single
+/// file, opened with default [`CheckpointOptions`]) into the package `dst`: see
+/// [`compress_opened`].
 pub fn compress_checkpoint(
     src: &Path,
     dst: &Path,
     opts: &CompressOptions,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<CompressSummary> {
-    let config = MmditConfig::from_file(src.join("config.json"))?;
-    check_options(&config, opts)?;
-    let source_bytes = checkpoint_bytes(src)?;
-    let weights = Weights::from_folder(src)?;
-    let reqs = required_tensors(&config, &opts.spec);
+    let checkpoint = Checkpoint::open(src, &CheckpointOptions::default())?;
+    compress_opened(&checkpoint, dst, opts, progress)
+}
+
+/// Compresses an opened checkpoint (F32/F16/BF16/F8_E4M3 weights) into the package
+/// `dst`, removing the blocks `opts.spec` removes and those the checkpoint lacks.
+///
+/// `progress` is called after each tensor. Errors: a package as the source, a missing
+/// tensor ([`Error::MissingTensor`]), a tensor whose shape does not match the config
+/// ([`Error::ShapeMismatch`]), a non-finite weight or one out of f16 range
+/// ([`Error::InvalidArgument`] naming the tensor), an unsupported group size, and I/O
+/// errors naming the path. On error no file is left at `dst`.
+pub fn compress_opened(
+    checkpoint: &Checkpoint,
+    dst: &Path,
+    opts: &CompressOptions,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<CompressSummary> {
+    let src = checkpoint.path.as_path();
+    if checkpoint.kind == CheckpointKind::Package {
+        return Err(Error::invalid(
+            format!("source {}", src.display()),
+            "is already a hiprune package (compress reads a diffusers folder or a single-file \
+             checkpoint; `hiprune inspect` shows what the package holds)",
+        ));
+    }
+    let config = &checkpoint.config;
+    let mut opts = opts.clone();
+    opts.spec
+        .removed_blocks
+        .extend(checkpoint.spec.removed_blocks.iter().copied());
+    let opts = &opts;
+    check_options(config, opts)?;
+    let source_bytes = checkpoint.file_bytes()?;
+    let weights = &checkpoint.weights;
+    let reqs = required_tensors(config, &opts.spec);
 
     // Check names and shapes before writing anything (no copies: views and biases).
     let mut total = 0u64;
@@ -372,7 +369,7 @@ pub fn compress_checkpoint(
                     Dtype::F16
                 };
                 if name == POS_TABLE
-                    && let Some(entry) = computed_pos_table(&config, &data, stored)?
+                    && let Some(entry) = computed_pos_table(config, &data, stored)?
                 {
                     writer.add_layer_entry(entry)?;
                 } else if stored == Dtype::F32 {
@@ -400,7 +397,7 @@ pub fn compress_checkpoint(
         .and_then(|p| p.file_name().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_else(|| src.display().to_string());
     let info = PackageInfo {
-        architecture: Some(config),
+        architecture: Some(config.clone()),
         kept_blocks: kept_blocks.iter().map(|&i| i as u32).collect(),
         provenance: Provenance {
             source,

@@ -12,7 +12,7 @@ use super::state::ModelState;
 use super::status::{self, Failure, FfiResult, Status};
 use super::structs::write_out;
 use crate::backend::Device;
-use crate::model::AnyModel;
+use crate::model::{AnyModel, Checkpoint, CheckpointKind, CheckpointOptions};
 
 fn to_u32(v: usize, field: &str) -> FfiResult<u32> {
     u32::try_from(v).map_err(|_| {
@@ -40,8 +40,10 @@ fn load(path: *const c_char, out_model: *mut *mut b::hp_model) -> FfiResult {
         .to_str()
         .map_err(|_| Failure::invalid("path is not valid UTF-8"))?;
     let path = Path::new(path);
-    let is_package = !path.is_dir();
-    let model = AnyModel::load_on(path, Device::Cpu).map_err(Failure::from_load)?;
+    let checkpoint =
+        Checkpoint::open(path, &CheckpointOptions::default()).map_err(Failure::from_load)?;
+    let is_package = checkpoint.kind == CheckpointKind::Package;
+    let model = AnyModel::from_checkpoint(checkpoint, Device::Cpu).map_err(Failure::from_load)?;
     let bytes = model.weight_bytes().map_err(Failure::from_load)?;
     let file_bytes = model.weights().package().map_or(0, |p| p.file_len());
     log::info!(

@@ -13,6 +13,7 @@ use crate::config::MmditConfig;
 #[cfg(not(feature = "cuda"))]
 use crate::error::Error;
 use crate::error::Result;
+use crate::model::checkpoint::Checkpoint;
 use crate::model::memory::WeightBytes;
 use crate::model::mmdit::{Mmdit, MmditInputs};
 use crate::model::prune::PruneSpec;
@@ -48,7 +49,8 @@ impl std::fmt::Debug for AnyModel {
 }
 
 impl AnyModel {
-    /// Loads a diffusers transformer folder or an `.hpk` package onto `device`. An
+    /// Loads a diffusers transformer folder, a single-file checkpoint or an `.hpk`
+    /// package onto `device`. An
     /// error if the device cannot be used: [`crate::Error::BackendNotCompiled`] for
     /// CUDA in a build without the `cuda` feature, [`crate::Error::NoCudaDevice`] when
     /// the driver or the device is missing.
@@ -60,6 +62,17 @@ impl AnyModel {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(not_compiled(device)),
         }
+    }
+
+    /// Builds the model of an opened checkpoint (with its pruning plan) on `device`;
+    /// the errors of [`AnyModel::load_on`] for a device that cannot be used.
+    pub fn from_checkpoint(checkpoint: Checkpoint, device: Device) -> Result<AnyModel> {
+        AnyModel::build(
+            checkpoint.config,
+            Arc::new(checkpoint.weights),
+            checkpoint.spec,
+            device,
+        )
     }
 
     /// Builds a model on `device` from weights another model may share (the memory map

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, CpuBackend, Device, LinearSource, Modulation};
 use crate::config::MmditConfig;
-use crate::error::{Error, Result};
-use crate::format::Package;
+use crate::error::Result;
+use crate::model::checkpoint::{Checkpoint, CheckpointOptions};
 pub use crate::model::layers::TIMESTEP_CHANNELS;
 use crate::model::layers::{BlockLayers, LayerSink, TopLayers};
 use crate::model::memory::WeightBytes;
@@ -201,26 +201,24 @@ impl<B: Backend> Mmdit<B> {
         Mmdit::load_with(path, B::open(device)?)
     }
 
-    /// Loads a diffusers transformer folder (`config.json` + safetensors) or an `.hpk`
-    /// package (its `kept_blocks` become the pruning plan) onto `backend`.
+    /// Loads a diffusers transformer folder (`config.json` + safetensors), a
+    /// single-file checkpoint (configuration read from its shapes) or an `.hpk`
+    /// package onto `backend`; blocks the checkpoint lacks, or the package removed, are
+    /// the pruning plan ([`Checkpoint::open`]).
     pub fn load_with(path: impl AsRef<Path>, backend: B) -> Result<Mmdit<B>> {
-        let path = path.as_ref();
-        if path.is_dir() {
-            let config = MmditConfig::from_file(path.join("config.json"))?;
-            let weights = Weights::from_folder(path)?;
-            Mmdit::with_backend(backend, config, weights, PruneSpec::none())
-        } else {
-            let package = Package::open(path)?;
-            let config = package.manifest().architecture.clone().ok_or_else(|| {
-                Error::invalid(
-                    format!("package {}", path.display()),
-                    "holds no model architecture",
-                )
-            })?;
-            let spec =
-                PruneSpec::from_kept_blocks(config.num_layers, &package.manifest().kept_blocks);
-            Mmdit::with_backend(backend, config, Weights::from_package(package), spec)
-        }
+        let checkpoint = Checkpoint::open(path, &CheckpointOptions::default())?;
+        Mmdit::from_checkpoint(backend, checkpoint)
+    }
+
+    /// Builds the model of an opened checkpoint on `backend`, with the checkpoint's
+    /// pruning plan.
+    pub fn from_checkpoint(backend: B, checkpoint: Checkpoint) -> Result<Mmdit<B>> {
+        Mmdit::with_backend(
+            backend,
+            checkpoint.config,
+            checkpoint.weights,
+            checkpoint.spec,
+        )
     }
 
     /// Replaces the pruning plan, checking the weights it needs and uploading the

@@ -3,6 +3,7 @@
 
 pub mod any;
 mod block;
+pub mod checkpoint;
 mod inputs;
 mod layers;
 pub mod layout;
@@ -16,6 +17,7 @@ pub mod weights;
 
 pub use crate::config::MmditConfig;
 pub use any::AnyModel;
+pub use checkpoint::{Checkpoint, CheckpointKind, CheckpointOptions};
 pub use memory::WeightBytes;
 pub use mmdit::{Mmdit, MmditInputs};
 pub use prune::{BlockMask, PruneSpec};

@@ -1,6 +1,7 @@
 //! [`Weights`]: the tensors of an MMDiT transformer by their diffusers names (original
-//! block indices), from a diffusers folder (one or sharded safetensors files, F32/F16/
-//! BF16, memory-mapped), from an `.hpk` [`Package`], or from memory.
+//! block indices), from memory-mapped safetensors files (the checkpoint readers in
+//! [`crate::model::checkpoint`] fill them through [`MappedWeights`]), from an `.hpk`
+//! [`Package`], or from memory.
 //!
 //! Linear layers are handed out as [`LinearWeights`] views without copying: dense
 //! views straight into the memory map (a tensor whose bytes are not aligned for its
@@ -10,15 +11,16 @@
 //! just the crop it needs. Other tensors (biases, the patch convolution, qk-norm
 //! weights) are read as f32 copies.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::{Dtype as StDtype, SafeTensors};
+use safetensors::Dtype as StDtype;
 
 use crate::backend::LinearSource;
 use crate::error::{Error, Result};
@@ -28,11 +30,6 @@ use crate::quant::{DenseData, LinearWeights, Q4Matrix};
 
 /// Name of the positional table of the patch embedding, `[1, grid * grid, D]`.
 pub const POS_TABLE: &str = "pos_embed.pos_embed";
-
-/// Name of a single-file diffusers checkpoint.
-pub const SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
-/// Name of the index of a sharded diffusers checkpoint.
-pub const SHARD_INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
 
 /// A tensor given in memory to [`Weights::from_memory`].
 #[derive(Debug, Clone)]
@@ -55,7 +52,26 @@ enum Entry {
     /// A table the package declares computed ([`Precision::Sincos2d`]), and its width.
     Computed(Precision, u64),
     F32(Tensor),
+    /// A dense tensor held in memory in its own dtype (a reordered or widened copy).
+    Owned(OwnedDense, Vec<usize>),
     Q4(Q4Matrix),
+}
+
+/// Dense elements owned by [`Weights`], in the dtype they are kept in.
+enum OwnedDense {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl OwnedDense {
+    fn view(&self) -> DenseData<'_> {
+        match self {
+            OwnedDense::F32(d) => DenseData::F32(d),
+            OwnedDense::F16(d) => DenseData::F16(d),
+            OwnedDense::Bf16(d) => DenseData::Bf16(d),
+        }
+    }
 }
 
 enum Source {
@@ -101,94 +117,179 @@ fn is_aligned(bytes: &[u8], dtype: StDtype) -> bool {
     (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
-/// Largest shard index json accepted (SD3.5 Large's is about 100 KiB).
-pub const MAX_INDEX_FILE_BYTES: u64 = 64 << 20;
+/// Builds [`Weights`] from memory-mapped safetensors files: the checkpoint readers
+/// ([`crate::model::checkpoint`]) map each file, then add its tensors under diffusers
+/// names, whole or as row ranges (the fused `qkv` of a single file, split by views).
+pub(crate) struct MappedWeights {
+    paths: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
+}
+
+impl MappedWeights {
+    /// No files yet.
+    pub fn new() -> Self {
+        MappedWeights {
+            paths: Vec::new(),
+            maps: Vec::new(),
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Memory-maps `path` and returns its index for [`MappedWeights::add`]. The file
+    /// must not be modified in place while the weights are loaded.
+    pub fn map(&mut self, path: &Path) -> Result<usize> {
+        self.maps.push(map_file(path)?);
+        self.paths.push(path.to_path_buf());
+        Ok(self.maps.len() - 1)
+    }
+
+    /// The bytes of mapped file `file`.
+    pub fn bytes(&self, file: usize) -> &[u8] {
+        &self.maps[file]
+    }
+
+    /// Byte range of `data` (a slice of file `file`'s bytes) inside that file.
+    pub fn range_of(&self, file: usize, data: &[u8]) -> Range<usize> {
+        let start = data.as_ptr() as usize - self.maps[file].as_ptr() as usize;
+        start..start + data.len()
+    }
+
+    /// Adds tensor `name` of `shape`, stored as `dtype` in bytes `range` of file
+    /// `file`. A float tensor is viewed in place (copied to f32 once when its bytes are
+    /// not aligned for its dtype); F8_E4M3 is widened to f16, which holds every e4m3
+    /// value exactly; with `swap_halves`, the two halves of the first axis trade places
+    /// (a copy in the tensor's dtype). Other dtypes are kept as stored, an error only
+    /// when read as a weight. Errors: a name added twice, bytes that do not fill the
+    /// shape.
+    pub fn add(
+        &mut self,
+        name: String,
+        file: usize,
+        range: Range<usize>,
+        dtype: StDtype,
+        shape: Vec<usize>,
+        swap_halves: bool,
+    ) -> Result<()> {
+        if self.entries.contains_key(&name) {
+            return Err(Error::InvalidHeader {
+                path: self.paths[file].clone(),
+                reason: format!("tensor `{name}` is stored twice"),
+            });
+        }
+        let bytes = &self.maps[file][range.clone()];
+        let elements = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let element_bytes = match dtype {
+            StDtype::F32 => 4,
+            StDtype::F16 | StDtype::BF16 => 2,
+            StDtype::F8_E4M3 => 1,
+            // Kept as stored (the safetensors parser checked its length): reading it
+            // as a weight is a dtype error naming it.
+            _ => {
+                let (start, end) = (range.start, range.end);
+                let entry = Entry::Mapped {
+                    file,
+                    start,
+                    end,
+                    dtype,
+                    shape,
+                };
+                self.entries.insert(name, entry);
+                return Ok(());
+            }
+        };
+        if elements.and_then(|e| e.checked_mul(element_bytes)) != Some(bytes.len()) {
+            return Err(Error::length(
+                format!("tensor `{name}` of shape {shape:?}"),
+                elements.unwrap_or(usize::MAX),
+                bytes.len() / element_bytes,
+            ));
+        }
+        let entry = if dtype == StDtype::F8_E4M3 {
+            let mut wide: Vec<f16> = bytes.iter().map(|&b| e4m3_to_f16(b)).collect();
+            if swap_halves {
+                swap_first_axis_halves(&mut wide);
+            }
+            Entry::Owned(OwnedDense::F16(wide), shape)
+        } else if swap_halves {
+            let mut data = match dtype {
+                StDtype::F16 => OwnedDense::F16(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
+                StDtype::BF16 => OwnedDense::Bf16(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
+                _ => OwnedDense::F32(floats_to_f32(&name, dtype, bytes)?),
+            };
+            match &mut data {
+                OwnedDense::F32(d) => swap_first_axis_halves(d),
+                OwnedDense::F16(d) => swap_first_axis_halves(d),
+                OwnedDense::Bf16(d) => swap_first_axis_halves(d),
+            }
+            Entry::Owned(data, shape)
+        } else if is_aligned(bytes, dtype) {
+            Entry::Mapped {
+                file,
+                start: range.start,
+                end: range.end,
+                dtype,
+                shape,
+            }
+        } else {
+            Entry::F32(Tensor::new(floats_to_f32(&name, dtype, bytes)?, shape)?)
+        };
+        self.entries.insert(name, entry);
+        Ok(())
+    }
+
+    /// The weights.
+    pub fn finish(self) -> Weights {
+        Weights {
+            source: Source::Files(self.maps),
+            entries: self.entries,
+        }
+    }
+}
+
+/// Swaps the first and second half of `data` (the two halves of a tensor's first
+/// axis, since the array is row-major); an odd length leaves it unchanged.
+fn swap_first_axis_halves<T: Copy>(data: &mut [T]) {
+    if data.len().is_multiple_of(2) {
+        let half = data.len() / 2;
+        let (a, b) = data.split_at_mut(half);
+        a.swap_with_slice(b);
+    }
+}
+
+/// The f16 with the value of the OCP FP8 E4M3 (`float8_e4m3fn`) code `code`: sign,
+/// 4 exponent bits (bias 7), 3 mantissa bits, no infinities, NaN at S.1111.111.
+pub(crate) fn e4m3_to_f16(code: u8) -> f16 {
+    let negative = code & 0x80 != 0;
+    let exponent = i32::from((code >> 3) & 0x0f);
+    let mantissa = f32::from(code & 0x07);
+    let magnitude = if exponent == 0x0f && code & 0x07 == 0x07 {
+        f32::NAN
+    } else if exponent == 0 {
+        mantissa / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7)
+    };
+    f16::from_f32(if negative { -magnitude } else { magnitude })
+}
 
 impl Weights {
-    /// Loads a diffusers transformer folder: `diffusion_pytorch_model.safetensors`, or
-    /// the shards listed by `diffusion_pytorch_model.safetensors.index.json`. The files
-    /// are memory-mapped and must not be modified in place while loaded.
+    /// Reads the tensors of a diffusers transformer folder (the single file, or the
+    /// shards its index lists), memory-mapped; the files must not be modified in place
+    /// while loaded. [`Checkpoint::open`](crate::model::Checkpoint::open) reads the
+    /// config with them.
     pub fn from_folder(dir: impl AsRef<Path>) -> Result<Weights> {
-        let dir = dir.as_ref();
-        let index = dir.join(SHARD_INDEX);
-        let (files, weight_map): (Vec<PathBuf>, Option<HashMap<String, String>>) =
-            if index.is_file() {
-                let text = crate::io::read_text_capped(&index, MAX_INDEX_FILE_BYTES)?;
-                let json: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| Error::InvalidHeader {
-                        path: index.clone(),
-                        reason: e.to_string(),
-                    })?;
-                let map: HashMap<String, String> = json
-                    .get("weight_map")
-                    .cloned()
-                    .and_then(|v| serde_json::from_value(v).ok())
-                    .ok_or_else(|| Error::InvalidHeader {
-                        path: index.clone(),
-                        reason: "no `weight_map` object of tensor name to file name".to_string(),
-                    })?;
-                let names: BTreeSet<&String> = map.values().collect();
-                for n in &names {
-                    if n.contains('/') || n.contains('\\') || n.as_str() == ".." {
-                        return Err(Error::InvalidHeader {
-                            path: index.clone(),
-                            reason: format!("shard name `{n}` is not a plain file name"),
-                        });
-                    }
-                }
-                let files = names.iter().map(|n| dir.join(n)).collect();
-                (files, Some(map))
-            } else {
-                (vec![dir.join(SINGLE_FILE)], None)
-            };
-        let mut maps = Vec::with_capacity(files.len());
-        let mut entries = HashMap::new();
-        let mut owner: HashMap<String, PathBuf> = HashMap::new();
-        for (fi, path) in files.iter().enumerate() {
-            let mmap = map_file(path)?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::InvalidHeader {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            let base = mmap.as_ptr() as usize;
-            for (name, view) in st.iter() {
-                let bytes = view.data();
-                let entry = if is_aligned(bytes, view.dtype()) {
-                    let start = bytes.as_ptr() as usize - base;
-                    Entry::Mapped {
-                        file: fi,
-                        start,
-                        end: start + bytes.len(),
-                        dtype: view.dtype(),
-                        shape: view.shape().to_vec(),
-                    }
-                } else {
-                    let data = floats_to_f32(name, view.dtype(), bytes)?;
-                    Entry::F32(Tensor::new(data, view.shape().to_vec())?)
-                };
-                if owner.insert(name.to_string(), path.clone()).is_some() {
-                    return Err(Error::InvalidHeader {
-                        path: path.clone(),
-                        reason: format!("tensor `{name}` is stored in two shards"),
-                    });
-                }
-                entries.insert(name.to_string(), entry);
-            }
-            drop(st);
-            maps.push(mmap);
-        }
-        if let Some(map) = weight_map {
-            for (name, file) in map {
-                match owner.get(&name) {
-                    Some(p) if p.file_name().is_some_and(|f| f == file.as_str()) => {}
-                    _ => return Err(Error::MissingTensor { tensor: name }),
-                }
-            }
-        }
-        Ok(Weights {
-            source: Source::Files(maps),
-            entries,
-        })
+        crate::model::checkpoint::read_folder_weights(dir.as_ref()).map(|(w, _)| w)
     }
 
     /// Uses an opened package: its layers keep the precision of the manifest; a table
@@ -265,6 +366,21 @@ impl Weights {
         let _ = name;
     }
 
+    /// Original indices of the blocks with at least one tensor
+    /// (`transformer_blocks.N.*`).
+    pub fn block_indices(&self) -> std::collections::BTreeSet<usize> {
+        self.entries
+            .keys()
+            .filter_map(|n| {
+                n.strip_prefix("transformer_blocks.")?
+                    .split('.')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     /// Whether a tensor named `name` is present.
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
@@ -313,6 +429,12 @@ impl Weights {
                 }
                 LinearWeights::dense(DenseData::F32(&t.data), n, k)?
             }
+            Entry::Owned(data, shape) => {
+                if shape.as_slice() != [n, k] {
+                    return Err(mismatch(shape.clone()));
+                }
+                LinearWeights::dense(data.view(), n, k)?
+            }
             Entry::Q4(q) => LinearWeights::Q4(q.view()?),
             Entry::Computed(..) => return Err(Error::MissingTensor { tensor: name }),
             Entry::Packaged => {
@@ -351,6 +473,7 @@ impl Weights {
                 shape.clone(),
             ),
             Entry::F32(t) => (t.data.clone(), t.shape.clone()),
+            Entry::Owned(data, found) => (dense_to_f32(data.view()), found.clone()),
             Entry::Q4(_) => return Err(float_dtype_error(name, "4-bit")),
             Entry::Computed(prec, dim) => computed_table(name, *prec, *dim, shape)?,
             Entry::Packaged => {
@@ -397,6 +520,7 @@ impl Weights {
                 shape.clone(),
             ),
             Entry::F32(t) => (DenseData::F32(&t.data), t.shape.clone()),
+            Entry::Owned(data, shape) => (data.view(), shape.clone()),
             Entry::Q4(_) => return Err(float_dtype_error(name, "4-bit")),
             Entry::Computed(prec, width) => {
                 let Precision::Sincos2d {
@@ -447,11 +571,7 @@ impl Weights {
         if found != expected {
             return Err(mismatch(found));
         }
-        let len = match data {
-            DenseData::F32(d) => d.len(),
-            DenseData::F16(d) => d.len(),
-            DenseData::Bf16(d) => d.len(),
-        };
+        let len = data.len();
         if grid.checked_mul(grid).and_then(|g2| g2.checked_mul(dim)) != Some(len) {
             return Err(Error::length(
                 format!("tensor `{name}`"),
@@ -625,6 +745,15 @@ fn dense_from_view<'a>(name: &str, view: &TensorView<'a>) -> Result<DenseData<'a
     })
 }
 
+/// The elements of `data` widened to f32.
+fn dense_to_f32(data: DenseData<'_>) -> Vec<f32> {
+    match data {
+        DenseData::F32(d) => d.to_vec(),
+        DenseData::F16(d) => d.to_f32_vec(),
+        DenseData::Bf16(d) => d.to_f32_vec(),
+    }
+}
+
 fn dense_from_bytes<'a>(name: &str, dtype: StDtype, bytes: &'a [u8]) -> Result<DenseData<'a>> {
     let misaligned = |align| Error::Misaligned {
         tensor: name.to_string(),
@@ -642,4 +771,37 @@ fn dense_from_bytes<'a>(name: &str, dtype: StDtype, bytes: &'a [u8]) -> Result<D
         }
         other => return Err(float_dtype_error(name, &format!("{other:?}"))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_e4m3_code_widens_to_its_value() {
+        for code in 0..=255u8 {
+            let got = e4m3_to_f16(code);
+            let (sign, e, m) = (code >> 7, i32::from((code >> 3) & 15), f64::from(code & 7));
+            if e == 15 && code & 7 == 7 {
+                assert!(got.is_nan(), "{code:#04x}");
+                continue;
+            }
+            let magnitude = if e == 0 {
+                m * 2f64.powi(-9)
+            } else {
+                (8.0 + m) * 2f64.powi(e - 10)
+            };
+            let want = if sign == 1 { -magnitude } else { magnitude };
+            assert_eq!(f64::from(got.to_f32()), want, "{code:#04x}");
+        }
+        assert_eq!(e4m3_to_f16(0x7e).to_f32(), 448.0);
+        assert_eq!(e4m3_to_f16(0x01).to_f32(), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn halves_swap_along_the_first_axis() {
+        let mut v = [1, 2, 3, 4, 5, 6];
+        swap_first_axis_halves(&mut v);
+        assert_eq!(v, [4, 5, 6, 1, 2, 3]);
+    }
 }
