@@ -6,16 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
+use hiprune::backend::CpuBackend;
 use hiprune::compress::quantize::pos_table_is_sincos;
 use hiprune::compress::{
     AnalyzeOptions, CompressOptions, GenerateOptions, PlanOptions, PlanTarget, Preset,
-    ProtectPrecision, SensitivityReport, WeightFormat, analyze_model, compress_checkpoint,
-    generate_checkpoint, make_plan,
+    ProtectPrecision, SensitivityReport, WeightFormat, analyze_model, compress_opened,
+    generate_checkpoint, generate_single_file, make_plan,
 };
-use hiprune::model::{Mmdit, MmditConfig, PruneSpec, TensorFile, Weights};
+use hiprune::model::{Mmdit, PruneSpec, TensorFile};
 use hiprune::{Error, Result};
 
 use crate::report::human_bytes;
+use crate::source::CheckpointArgs;
 
 /// Weight storage on the command line.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -125,8 +127,11 @@ impl PlanArgs {
 /// Options of `hiprune compress`.
 #[derive(Args, Debug)]
 pub struct CompressArgs {
-    /// A diffusers transformer folder (config.json + safetensors, single or sharded).
+    /// A diffusers transformer folder (config.json + safetensors, single or sharded) or a
+    /// single-file checkpoint (Stability AI's names; pruned ones with gaps included).
     source: PathBuf,
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
     /// The package to write (replaced only on success).
     #[arg(short, long)]
     output: PathBuf,
@@ -180,7 +185,8 @@ impl PercentLine {
 
 /// Runs `hiprune compress`.
 pub fn run_compress(args: &CompressArgs) -> Result<()> {
-    let config = MmditConfig::from_file(args.source.join("config.json"))?;
+    let checkpoint = args.checkpoint.open(&args.source)?;
+    let config = checkpoint.config.clone();
     let report = match &args.plan.report {
         Some(p) => Some(SensitivityReport::from_file(p)?),
         None => None,
@@ -188,7 +194,7 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
     let weights: WeightFormat = args.weights.into();
     // The size estimates count the positional table only when the package will store
     // it (one read of the table, compared in strips).
-    let pos_table_computed = pos_table_is_sincos(&Weights::from_folder(&args.source)?, &config)?;
+    let pos_table_computed = pos_table_is_sincos(&checkpoint.weights, &config)?;
     let plan = make_plan(
         &config,
         report.as_ref(),
@@ -203,6 +209,7 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
             weights,
             group: args.group,
             pos_table_computed,
+            absent_blocks: checkpoint.spec.removed_blocks.clone(),
         },
     )?;
     eprintln!("plan: {}", plan.summary);
@@ -218,7 +225,7 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
     });
     let start = Instant::now();
     let mut bar = PercentLine::new();
-    let summary = compress_checkpoint(&args.source, &args.output, &opts, &mut |p| {
+    let summary = compress_opened(&checkpoint, &args.output, &opts, &mut |p| {
         bar.update("compress", p.done, p.total)
     });
     bar.finish();
@@ -251,8 +258,12 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
 /// Options of `hiprune generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// The folder to write (created if missing).
+    /// The folder to write (created if missing), or with --single-file the file.
     output: PathBuf,
+    /// Write one single-file checkpoint with Stability AI's tensor names (fused qkv)
+    /// instead of a diffusers folder; the same values.
+    #[arg(long)]
+    single_file: bool,
     /// Model shape: sd35-large, sd35-medium or tiny.
     #[arg(long, default_value = "tiny")]
     preset: String,
@@ -279,9 +290,13 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
         ..GenerateOptions::new(config)
     };
     let start = Instant::now();
-    let s = generate_checkpoint(&args.output, &opts)?;
+    let s = if args.single_file {
+        generate_single_file(&args.output, &opts)?
+    } else {
+        generate_checkpoint(&args.output, &opts)?
+    };
     println!(
-        "wrote {} ({} tensors, {} shard(s), {}) in {:.1} s",
+        "wrote {} ({} tensors, {} file(s), {}) in {:.1} s",
         args.output.display(),
         s.tensors,
         s.shards.len(),
@@ -294,8 +309,10 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
 /// Options of `hiprune analyze`.
 #[derive(Args, Debug)]
 pub struct AnalyzeArgs {
-    /// A diffusers transformer folder or an .hpk package.
+    /// A diffusers transformer folder, a single-file checkpoint or an .hpk package.
     model: PathBuf,
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
     /// Calibration inputs: a safetensors file with `hidden_states`,
     /// `encoder_hidden_states`, `pooled_projections` and `timestep` (batch = inputs).
     #[arg(long)]
@@ -325,7 +342,7 @@ pub struct AnalyzeArgs {
 
 /// Runs `hiprune analyze`.
 pub fn run_analyze(args: &AnalyzeArgs) -> Result<()> {
-    let mut model = Mmdit::load(&args.model)?;
+    let mut model = Mmdit::from_checkpoint(CpuBackend::new(), args.checkpoint.open(&args.model)?)?;
     let calib = match &args.calib {
         Some(p) => Some(TensorFile::open(p)?),
         None => None,

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::source::CheckpointArgs;
 use clap::{Args, ValueEnum};
 use hiprune::Result;
 use hiprune::backend::Device;
@@ -19,8 +20,11 @@ pub enum BackendChoice {
 /// Model options shared by `forward` and `sample`.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A diffusers transformer folder (config.json + safetensors) or an .hpk package.
+    /// A diffusers transformer folder (config.json + safetensors), a single-file
+    /// checkpoint, or an .hpk package.
     pub model: PathBuf,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
     /// Compute backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendChoice,
@@ -43,7 +47,8 @@ impl ModelArgs {
     /// rebuild.
     pub fn load(&self) -> Result<AnyModel> {
         let extra = PruneSpec::parse_block_list(&self.remove_blocks)?;
-        let mut model = AnyModel::load_on(&self.model, self.device())?;
+        let mut model =
+            AnyModel::from_checkpoint(self.checkpoint.open(&self.model)?, self.device())?;
         if !extra.is_empty() {
             let mut spec = model.prune_spec().clone();
             spec.removed_blocks.extend(extra);

@@ -1,14 +1,18 @@
-//! `hiprune inspect`: what a package holds and how much smaller it is than dense f16.
+//! `hiprune inspect`: what a package holds and how much smaller it is than dense f16;
+//! for a checkpoint (single file or diffusers folder), its configuration, the blocks it
+//! holds and lacks, and the other components in the file.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use hiprune::format::Precision;
-use hiprune::model::{PruneSpec, WeightBytes, Weights};
+use hiprune::model::checkpoint::Component;
+use hiprune::model::{Checkpoint, CheckpointKind, MmditConfig, PruneSpec, WeightBytes, Weights};
 use hiprune::{Error, Package, Result};
 use serde::Serialize;
 
 use crate::report::{Table, human_bytes};
+use crate::source::CheckpointArgs;
 
 #[derive(Serialize)]
 struct LayerInfo {
@@ -42,7 +46,16 @@ struct InspectReport {
 }
 
 /// Runs `hiprune inspect`.
-pub fn run(path: &Path, json: bool, verify: bool) -> Result<()> {
+pub fn run(path: &Path, checkpoint: &CheckpointArgs, json: bool, verify: bool) -> Result<()> {
+    if Checkpoint::kind_of(path)? != CheckpointKind::Package {
+        if verify {
+            return Err(Error::invalid(
+                "--verify",
+                "checks a package's checksums; a checkpoint has none",
+            ));
+        }
+        return run_checkpoint(&checkpoint.open(path)?, json);
+    }
     let package = Package::open(path)?;
     if verify {
         package.verify()?;
@@ -233,4 +246,109 @@ fn print_report(r: &InspectReport) {
             ""
         }
     );
+}
+
+#[derive(Serialize)]
+struct ComponentInfo {
+    name: String,
+    tensors: usize,
+    bytes: u64,
+    dtypes: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct CheckpointReport {
+    path: String,
+    kind: &'static str,
+    file_bytes: u64,
+    config_inferred: bool,
+    architecture: MmditConfig,
+    present_blocks: Vec<usize>,
+    missing_blocks: Vec<usize>,
+    weight_bytes: WeightBytes,
+    components: Vec<ComponentInfo>,
+}
+
+/// `inspect` of a checkpoint that is not a package.
+fn run_checkpoint(ck: &Checkpoint, json: bool) -> Result<()> {
+    let missing = ck.missing_blocks();
+    let report = CheckpointReport {
+        path: ck.path.display().to_string(),
+        kind: ck.kind.describe(),
+        file_bytes: ck.file_bytes()?,
+        config_inferred: ck.config_inferred,
+        architecture: ck.config.clone(),
+        present_blocks: ck.spec.kept_blocks(ck.config.num_layers),
+        missing_blocks: missing,
+        weight_bytes: WeightBytes::count(&ck.weights, &ck.config, &ck.spec)?,
+        components: ck
+            .components
+            .iter()
+            .map(|c: &Component| ComponentInfo {
+                name: c.name.clone(),
+                tensors: c.tensors,
+                bytes: c.bytes,
+                dtypes: c.dtypes.clone(),
+            })
+            .collect(),
+    };
+    if json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::invalid("report", e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    let a = &report.architecture;
+    println!(
+        "{}: {} ({})",
+        report.kind,
+        report.path,
+        human_bytes(report.file_bytes)
+    );
+    println!(
+        "architecture{}: MMDiT, {} blocks, D = {} ({} heads x {}), qk_norm {}, dual attention in {:?}, positional grid {}",
+        if report.config_inferred {
+            " (read from the tensor shapes)"
+        } else {
+            ""
+        },
+        a.num_layers,
+        a.hidden_size(),
+        a.num_attention_heads,
+        a.attention_head_dim,
+        a.qk_norm.as_deref().unwrap_or("none"),
+        a.dual_attention_layers,
+        a.pos_embed_max_size
+    );
+    println!(
+        "blocks present ({}): {:?}",
+        report.present_blocks.len(),
+        report.present_blocks
+    );
+    if report.missing_blocks.is_empty() {
+        println!("missing blocks: none");
+    } else {
+        println!(
+            "missing blocks ({}, a pruned model: they are not run): {:?}",
+            report.missing_blocks.len(),
+            report.missing_blocks
+        );
+    }
+    let w = &report.weight_bytes;
+    println!(
+        "transformer held when loaded: {} ({} linear weights, {} biases, small tensors and table)",
+        human_bytes(w.total()),
+        human_bytes(w.linear()),
+        human_bytes(w.other)
+    );
+    for c in &report.components {
+        println!(
+            "component {}: {} tensors, {} ({}); not read by the transformer",
+            c.name,
+            c.tensors,
+            human_bytes(c.bytes),
+            c.dtypes.join(", ")
+        );
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ mod forward;
 mod inspect;
 mod report;
 mod sample;
+mod source;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,8 +32,10 @@ enum Command {
     /// Show what a .hpk package holds: architecture, kept blocks, per-layer precision,
     /// sizes and the reduction against the dense f16 equivalent.
     Inspect {
-        /// The package.
+        /// A package, a single-file checkpoint or a diffusers transformer folder.
         package: PathBuf,
+        #[command(flatten)]
+        checkpoint: source::CheckpointArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -75,9 +78,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect {
             package,
+            checkpoint,
             json,
             verify,
-        } => inspect::run(&package, json, verify),
+        } => inspect::run(&package, &checkpoint, json, verify),
         Command::Bench { what } => bench::run(what),
         #[cfg(feature = "compress")]
         Command::Demo(args) => demo::run(&args),

@@ -19,7 +19,10 @@ use hiprune::compress::{
 use hiprune::format::Package;
 use hiprune::model::layout::{Required, required_tensors};
 use hiprune::model::sampler::{Conditioning, initial_latent};
-use hiprune::model::{Mmdit, MmditConfig, PruneSpec, SampleOptions, Tensor, WeightBytes, sample};
+use hiprune::model::{
+    Checkpoint, CheckpointKind, CheckpointOptions, Mmdit, MmditConfig, PruneSpec, SampleOptions,
+    Tensor, WeightBytes, sample,
+};
 use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::{Error, Result};
 use rand::SeedableRng;
@@ -292,8 +295,8 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             );
             (format!("--generate {name}"), cfg, targets, what, setup)
         }
-        (None, Some(path)) if path.is_dir() => {
-            let cfg = MmditConfig::from_file(path.join("config.json"))?;
+        (None, Some(path)) if Checkpoint::kind_of(path)? != CheckpointKind::Package => {
+            let cfg = Checkpoint::open(path, &CheckpointOptions::default())?.config;
             let resolution = args.resolution.unwrap_or(cfg.sample_size * 8);
             latent_side(&cfg, resolution)?;
             let (opts, what) = compress_options(&cfg, args)?;
@@ -315,7 +318,8 @@ pub fn run(args: &ModelArgs) -> Result<()> {
             if args.preset.is_some() || args.remove_blocks.is_some() {
                 return Err(Error::invalid(
                     "--preset/--remove-blocks",
-                    "apply to a diffusers folder or --generate; a package is measured as it is",
+                    "apply to a checkpoint (diffusers folder or single file) or --generate; a package \
+                     is measured as it is",
                 ));
             }
             let package = Package::open(path)?;
@@ -456,8 +460,10 @@ fn original_of(package: &Path, source: &str, bytes: u64) -> Option<PathBuf> {
     }
     candidates.push(PathBuf::from(source));
     candidates.into_iter().find(|c| {
-        c.join("config.json").is_file()
-            && hiprune::compress::quantize::checkpoint_bytes(c).is_ok_and(|b| b == bytes)
+        Checkpoint::kind_of(c).is_ok_and(|k| k != CheckpointKind::Package)
+            && Checkpoint::open(c, &CheckpointOptions::default())
+                .and_then(|ck| ck.file_bytes())
+                .is_ok_and(|b| b == bytes)
     })
 }
 
