@@ -244,6 +244,10 @@ impl MappedWeights {
         } else {
             Entry::F32(Tensor::new(floats_to_f32(&name, dtype, bytes)?, shape)?)
         };
+        if !matches!(entry, Entry::Mapped { .. }) {
+            // The copy is what is read from now on: the source pages need not stay.
+            drop_pages(&self.maps[file], range);
+        }
         self.entries.insert(name, entry);
         Ok(())
     }
@@ -255,6 +259,28 @@ impl MappedWeights {
             entries: self.entries,
         }
     }
+}
+
+/// Tells the operating system that bytes `range` of the read-only map `map` are not
+/// needed now: their pages leave the resident set (a later read faults the same file
+/// bytes back in). A no-op on non-Unix systems.
+fn drop_pages(map: &Mmap, range: Range<usize>) {
+    #[cfg(unix)]
+    {
+        // SAFETY: the map is a read-only shared mapping of a file; MADV_DONTNEED on it
+        // only drops page-table entries, so later reads (including through slices
+        // still borrowed from it) fault the same file bytes back in. memmap2 checks
+        // that the range lies inside the map. A failure only means the pages stay.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.end - range.start,
+            )
+        };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, range);
 }
 
 /// Swaps the first and second half of `data` (the two halves of a tensor's first
@@ -345,7 +371,6 @@ impl Weights {
     /// without its pages piling up in the resident set. A no-op for tensors that are
     /// not memory-mapped and on non-Unix systems.
     pub fn release(&self, name: &str) {
-        #[cfg(unix)]
         if let (
             Some(Entry::Mapped {
                 file, start, end, ..
@@ -353,17 +378,8 @@ impl Weights {
             Source::Files(maps),
         ) = (self.entries.get(name), &self.source)
         {
-            let map = &maps[*file];
-            // SAFETY: the map is a read-only shared mapping of a file; MADV_DONTNEED on
-            // it only drops page-table entries, so later reads (including through slices
-            // still borrowed from it) fault the same file bytes back in. memmap2 checks
-            // that the range lies inside the map. A failure only means the pages stay.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, end - start)
-            };
+            drop_pages(&maps[*file], *start..*end);
         }
-        #[cfg(not(unix))]
-        let _ = name;
     }
 
     /// Original indices of the blocks with at least one tensor
