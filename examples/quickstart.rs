@@ -30,9 +30,8 @@ fn main() -> hiprune::Result<()> {
     let mut writer = PackageWriter::create(&path)?;
     writer.add_q4_layer("attn.to_q", &int4, None)?;
     writer.finish(PackageInfo {
-        architecture: None,
-        kept_blocks: Vec::new(),
         provenance: Provenance::default(),
+        ..PackageInfo::default()
     })?;
     let package = Package::open(&path)?;
 

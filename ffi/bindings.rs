@@ -27,6 +27,12 @@ pub const hp_log_level_HP_LOG_TRACE: hp_log_level = 5;
 pub type hp_log_level = ::std::os::raw::c_uint;
 pub const hp_block_list_HP_BLOCKS_KEPT: hp_block_list = 0;
 pub const hp_block_list_HP_BLOCKS_DUAL_ATTENTION: hp_block_list = 1;
+pub const hp_block_list_HP_BLOCKS_NO_NORM1: hp_block_list = 2;
+pub const hp_block_list_HP_BLOCKS_NO_NORM1_CONTEXT: hp_block_list = 3;
+pub const hp_block_list_HP_BLOCKS_NO_ATTN: hp_block_list = 4;
+pub const hp_block_list_HP_BLOCKS_NO_ATTN2: hp_block_list = 5;
+pub const hp_block_list_HP_BLOCKS_NO_FF: hp_block_list = 6;
+pub const hp_block_list_HP_BLOCKS_NO_FF_CONTEXT: hp_block_list = 7;
 pub type hp_block_list = ::std::os::raw::c_uint;
 unsafe extern "C" {
     pub fn hp_abi_version() -> u32;
@@ -96,6 +102,7 @@ pub struct hp_model_info {
     pub file_bytes: u64,
     pub is_package: bool,
     pub qk_norm: bool,
+    pub num_component_cuts: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -151,6 +158,8 @@ const _: () = {
         [::std::mem::offset_of!(hp_model_info, is_package) - 128usize];
     ["Offset of field: hp_model_info::qk_norm"]
         [::std::mem::offset_of!(hp_model_info, qk_norm) - 129usize];
+    ["Offset of field: hp_model_info::num_component_cuts"]
+        [::std::mem::offset_of!(hp_model_info, num_component_cuts) - 132usize];
 };
 unsafe extern "C" {
     pub fn hp_model_get_info(model: *const hp_model, out: *mut hp_model_info) -> hp_status;

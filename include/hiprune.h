@@ -135,7 +135,17 @@ enum hp_block_list {
     /* Original indices of the blocks the model runs, in execution order. */
     HP_BLOCKS_KEPT = 0,
     /* Original indices of the blocks with the MMDiT-X second attention. */
-    HP_BLOCKS_DUAL_ATTENTION = 1
+    HP_BLOCKS_DUAL_ATTENTION = 1,
+    /* Kept blocks with a sub-component removed (a package records them; diffusers'
+     * module names): the image adaLN modulation `norm1` (a plain LayerNorm instead),
+     * the context modulation `norm1_context`, the joint attention `attn`, the MMDiT-X
+     * `attn2`, the feed-forward `ff`, the context feed-forward `ff_context`. */
+    HP_BLOCKS_NO_NORM1 = 2,
+    HP_BLOCKS_NO_NORM1_CONTEXT = 3,
+    HP_BLOCKS_NO_ATTN = 4,
+    HP_BLOCKS_NO_ATTN2 = 5,
+    HP_BLOCKS_NO_FF = 6,
+    HP_BLOCKS_NO_FF_CONTEXT = 7
 };
 
 /* ---------------------------------------------------------------------------------
@@ -225,10 +235,13 @@ typedef struct hp_model_info {
     uint64_t bytes_total;
     /* Size of the package file; 0 for a diffusers folder. */
     uint64_t file_bytes;
-    /* Loaded from an `.hpk` package (false: a diffusers folder). */
+    /* Loaded from an `.hpk` package (false: a diffusers folder or a single file). */
     bool is_package;
     /* Query/key RMS norm present (SD3.5). */
     bool qk_norm;
+    /* Sub-components removed from kept blocks, counted per (block, component); the
+     * HP_BLOCKS_NO_* lists of hp_model_blocks name them. */
+    uint32_t num_component_cuts;
 } hp_model_info;
 
 /* Fills *out (set out->struct_size first).

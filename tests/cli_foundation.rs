@@ -56,6 +56,7 @@ fn write_package(path: &Path) {
             architecture: None,
             kept_blocks: Vec::new(),
             provenance,
+            removed_components: Vec::new(),
         })
         .unwrap();
 }

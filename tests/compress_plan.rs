@@ -83,6 +83,48 @@ fn presets_remove_the_published_blocks() {
     assert!(matches!(e, Err(Error::InvalidArgument { .. })));
 }
 
+/// The released HierarchicalPrune scripts give the cuts as `CUT_BLOCKS` strings, and
+/// their parser turns `a-b` into Python's `range(a, b)`: the end is exclusive.
+fn released_cut(cut_blocks: &str) -> Vec<usize> {
+    cut_blocks
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+#[test]
+fn presets_equal_what_the_released_scripts_remove() {
+    for (cfg, preset, cut_blocks, remaining) in [
+        (
+            MmditConfig::sd35_large(),
+            "sd35-large-turbo",
+            "25-29,31-35",
+            30,
+        ),
+        (
+            MmditConfig::sd35_medium(),
+            "sd35-medium",
+            "13,15,16,18,20,21",
+            18,
+        ),
+    ] {
+        let p = make_plan(
+            &cfg,
+            None,
+            &PlanOptions {
+                target: PlanTarget::Preset(preset.into()),
+                ..PlanOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(p.removed_blocks, released_cut(cut_blocks), "{preset}");
+        assert_eq!(p.kept_blocks.len(), remaining, "{preset}");
+    }
+}
+
 #[test]
 fn the_protected_range_and_the_last_block_are_never_pruned() {
     let mut rng = StdRng::seed_from_u64(7);

@@ -343,6 +343,7 @@ fn smoke_static_and_shared_match_rust_and_diffusers() {
         let d = run_dir(s, &name);
         let log = run_ok(c_program(program(&name)).args(args(s, &name, &d)));
         eprintln!("{name}:\n{log}");
+        assert!(log.contains("component cuts: 0"), "{log}");
         assert!(log.contains("smoke passed"), "{log}");
         for (file, want, fixture_t) in [
             ("fwd_out.bin", &want_fwd, outs.get("output").unwrap()),
@@ -464,4 +465,34 @@ fn shared_library_exports_exactly_the_header_functions() {
         exported, declared,
         "the shared library must export exactly the header's functions"
     );
+}
+
+#[test]
+fn component_cuts_of_a_package_are_listed_in_c() {
+    let s = setup();
+    let package = s.dir.join("sd35-cuts.hpk");
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_hiprune"))
+            .arg("compress")
+            .arg(fixture(""))
+            .arg("-o")
+            .arg(&package)
+            .args([
+                "--weights",
+                "f32",
+                "--remove",
+                "2.ff_context,3.attn,2.norm1",
+            ]),
+    );
+    let d = run_dir(s, "cuts");
+    let log = run_ok(c_program(program("smoke_shared")).arg(&package).arg(&d));
+    for line in [
+        "component cut: 2.norm1",
+        "component cut: 3.attn",
+        "component cut: 2.ff_context",
+        "component cuts: 3",
+        "smoke passed",
+    ] {
+        assert!(log.contains(line), "{line} missing:\n{log}");
+    }
 }

@@ -565,29 +565,29 @@ fn unknown_format_version_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = valid_package(dir.path());
 
-    // A version-2 manifest: only its leading version is read.
+    // A version-3 manifest: only its leading version is read.
     let mut raw = Raw::parse(&bytes);
     let (b, _) = raw.offsets(MANIFEST_TENSOR);
-    assert_eq!(raw.data[b], 1, "postcard encodes version 1 as one byte");
-    raw.data[b] = 2;
+    assert_eq!(raw.data[b], 2, "postcard encodes version 2 as one byte");
+    raw.data[b] = 3;
     let r = open_bytes(dir.path(), &raw.bytes());
     assert!(
         matches!(
             r,
             Err(Error::UnsupportedFormatVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             })
         ),
         "{r:?}"
     );
 
-    // A version-2 manifest whose body a version-1 reader could not decode.
+    // A version-3 manifest whose body this reader could not decode.
     let mut raw = Raw::parse(&bytes);
-    raw.set_manifest_bytes(&[2, 0xff, 0xff, 0xff]);
+    raw.set_manifest_bytes(&[3, 0xff, 0xff, 0xff]);
     let r = open_bytes(dir.path(), &raw.bytes());
     assert!(
-        matches!(r, Err(Error::UnsupportedFormatVersion { found: 2, .. })),
+        matches!(r, Err(Error::UnsupportedFormatVersion { found: 3, .. })),
         "{r:?}"
     );
 
@@ -992,5 +992,65 @@ fn computed_table_rules_are_checked() {
             matches!(&r, Err(Error::InvalidArgument { what, .. }) if what.contains("`t`")),
             "{bad:?}: {r:?}"
         );
+    }
+}
+
+#[test]
+fn version_1_packages_still_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = valid_package(dir.path());
+    let raw = Raw::parse(&bytes);
+    let v2 = raw.manifest();
+    assert!(v2.removed_components.is_empty());
+    // Version 1 is version 2 without the trailing `removed_components` (an empty list
+    // is one zero byte in postcard).
+    let mut m = raw.manifest_bytes();
+    assert_eq!(m.pop(), Some(0));
+    m[0] = 1;
+    let mut v1 = Raw::parse(&bytes);
+    v1.set_manifest_bytes(&m);
+    v1.header["__metadata__"]["format_version"] = json!("1");
+    let path = dir.path().join("v1.hpk");
+    std::fs::write(&path, v1.bytes()).unwrap();
+    let pkg = hiprune::Package::open(&path).unwrap();
+    assert_eq!(pkg.manifest().format_version, 1);
+    assert_eq!(pkg.manifest().layers, v2.layers);
+    assert!(pkg.manifest().removed_components.is_empty());
+
+    // The header and the manifest must agree on the version.
+    let mut mixed = Raw::parse(&bytes);
+    mixed.header["__metadata__"]["format_version"] = json!("1");
+    let r = open_bytes(dir.path(), &mixed.bytes());
+    assert!(matches!(r, Err(Error::ManifestCorrupt { .. })), "{r:?}");
+}
+
+#[test]
+fn removed_components_are_checked() {
+    use hiprune::format::ComponentCut;
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = valid_package(dir.path());
+    let cut = |block: u32, names: &[&str]| ComponentCut {
+        block,
+        components: names.iter().map(|n| n.to_string()).collect(),
+    };
+    for (cuts, needle) in [
+        (vec![cut(0, &["telepathy"])], "is not one of"),
+        (vec![cut(0, &["ff", "ff"])], "listed twice"),
+        (vec![cut(0, &[])], "lists no component"),
+        (vec![cut(0, &["ff"]), cut(0, &["attn"])], "listed twice"),
+        (vec![cut(999, &["ff"])], "not a block the model runs"),
+    ] {
+        let mut raw = Raw::parse(&bytes);
+        let mut m = raw.manifest();
+        m.removed_components = cuts;
+        raw.set_manifest(&m);
+        let r = open_bytes(dir.path(), &raw.bytes());
+        match r {
+            Err(Error::InvalidArgument { what, reason }) => {
+                assert!(what.contains("removed_components"), "{what}");
+                assert!(reason.contains(needle), "{reason} lacks {needle}");
+            }
+            other => panic!("expected a removed_components error, got {other:?}"),
+        }
     }
 }

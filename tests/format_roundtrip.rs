@@ -363,6 +363,10 @@ fn write_mixed(path: &Path, seed: u64) -> Written {
             sensitivity: random_f32(&mut rng, 24),
             distillation_weights: vec![0.5; 4],
         },
+        removed_components: vec![hiprune::format::ComponentCut {
+            block: 5,
+            components: vec!["attn2".into(), "ff_context".into()],
+        }],
     };
     let out = w.finish(info.clone()).unwrap();
     assert_eq!(out, path);
@@ -379,13 +383,14 @@ fn mixed_package_roundtrips_bytes_views_and_manifest() {
     assert_eq!(pkg.path(), path);
     assert_eq!(pkg.file_len(), std::fs::metadata(&path).unwrap().len());
     assert_eq!(pkg.metadata()["format"], FORMAT_NAME);
-    assert_eq!(pkg.metadata()["format_version"], "1");
+    assert_eq!(pkg.metadata()["format_version"], "2");
 
     let m = pkg.manifest();
-    assert_eq!(m.format_version, 1);
+    assert_eq!(m.format_version, 2);
     assert_eq!(m.architecture, written.info.architecture);
     assert_eq!(m.kept_blocks, written.info.kept_blocks);
     assert_eq!(m.provenance, written.info.provenance);
+    assert_eq!(m.removed_components, written.info.removed_components);
     assert_eq!(m.tensors.len(), written.tensors.len());
     assert_eq!(m.layers.len(), written.q4.len() + 4);
 
@@ -525,7 +530,7 @@ fn package_is_readable_by_the_safetensors_crate() {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     assert_eq!(meta["format"], "hiprune");
-    assert_eq!(meta["format_version"], "1");
+    assert_eq!(meta["format_version"], "2");
     assert_eq!(meta["manifest_crc32"].len(), 8);
 }
 
@@ -810,6 +815,7 @@ fn manifest_with_nan_floats_roundtrips_as_bytes() {
             sensitivity: vec![f32::INFINITY],
             ..Provenance::default()
         },
+        removed_components: Vec::new(),
     };
     let bytes = manifest.encode().unwrap();
     let decoded = Manifest::decode(&bytes).unwrap();

@@ -80,7 +80,7 @@ int main(int argc, char **argv) {
     CHECK(hp_model_get_info(model, &info), HP_ERR_INVALID_ARGUMENT);
     info.struct_size = sizeof info;
     CHECK(hp_model_get_info(model, &info), HP_OK);
-    CHECK(hp_model_blocks(model, 7, blocks, 2, &count), HP_ERR_INVALID_ARGUMENT);
+    CHECK(hp_model_blocks(model, 8, blocks, 2, &count), HP_ERR_INVALID_ARGUMENT);
     CHECK(hp_model_blocks(model, -1, blocks, 2, &count), HP_ERR_INVALID_ARGUMENT);
     CHECK(hp_model_blocks(model, HP_BLOCKS_KEPT, blocks, 2, NULL), HP_ERR_INVALID_ARGUMENT);
     CHECK(hp_model_blocks(model, HP_BLOCKS_KEPT, NULL, 2, &count), HP_ERR_INVALID_ARGUMENT);

@@ -117,6 +117,33 @@ int main(int argc, char **argv) {
         fprintf(stderr, "FAIL: block list length %zu != %u\n", n_kept, info.num_kept_blocks);
         g_failures++;
     }
+    {
+        /* The sub-component cuts: one list per component, together num_component_cuts. */
+        static const struct {
+            int32_t which;
+            const char *name;
+        } lists[] = {{HP_BLOCKS_NO_NORM1, "norm1"},
+                     {HP_BLOCKS_NO_NORM1_CONTEXT, "norm1_context"},
+                     {HP_BLOCKS_NO_ATTN, "attn"},
+                     {HP_BLOCKS_NO_ATTN2, "attn2"},
+                     {HP_BLOCKS_NO_FF, "ff"},
+                     {HP_BLOCKS_NO_FF_CONTEXT, "ff_context"}};
+        uint32_t cut[256];
+        size_t n_cut = 0, total = 0, j;
+        for (j = 0; j < sizeof lists / sizeof lists[0]; j++) {
+            CHECK(hp_model_blocks(model, lists[j].which, cut, 256, &n_cut), HP_OK);
+            for (i = 0; i < n_cut; i++) {
+                printf("component cut: %u.%s\n", cut[i], lists[j].name);
+            }
+            total += n_cut;
+        }
+        printf("component cuts: %zu\n", total);
+        if (total != info.num_component_cuts) {
+            fprintf(stderr, "FAIL: %zu component cuts listed, info says %u\n", total,
+                    info.num_component_cuts);
+            g_failures++;
+        }
+    }
 
     cparams = hp_context_default_params();
     cparams.backend = HP_BACKEND_CPU;

@@ -26,7 +26,7 @@
 //! trainable blocks (1 for all of them when nothing was measured); protected and
 //! removed blocks get 0. The binary form the reference code uses is `freeze`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,7 @@ use crate::compress::report::SensitivityReport;
 use crate::error::{Error, Result};
 use crate::model::layout::{Required, required_tensors};
 use crate::model::weights::POS_TABLE;
-use crate::model::{MmditConfig, PruneSpec};
+use crate::model::{BlockMask, MmditConfig, PruneSpec};
 
 /// What the plan must reach.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,8 +50,10 @@ pub enum PlanTarget {
     Ratio(f64),
     /// Remove exactly these blocks (the last block may be among them).
     Remove(BTreeSet<usize>),
-    /// A published cut: `sd35-large-turbo` (blocks 25-28 and 31-34 of 38) or
-    /// `sd35-medium` (13, 15, 16, 18, 20, 21 of 24).
+    /// A published cut, as the released HierarchicalPrune scripts remove it (their
+    /// `CUT_BLOCKS="25-29,31-35"` is read as end-exclusive ranges):
+    /// `sd35-large-turbo` (blocks 25-28 and 31-34 of 38, 30 remain) or
+    /// `sd35-medium` (13, 15, 16, 18, 20, 21 of 24, 18 remain).
     Preset(String),
 }
 
@@ -88,6 +90,9 @@ pub struct PlanOptions {
     /// Blocks the checkpoint already lacks (a pruned single file): every target counts
     /// them as removed, and the protected range does not apply to them.
     pub absent_blocks: BTreeSet<usize>,
+    /// Sub-components to remove from blocks the plan keeps (`--remove 12.ff`): added to
+    /// every target; none may be in a removed or protected block.
+    pub remove_components: BTreeMap<usize, BlockMask>,
 }
 
 impl Default for PlanOptions {
@@ -103,6 +108,7 @@ impl Default for PlanOptions {
             group: 64,
             pos_table_computed: false,
             absent_blocks: BTreeSet::new(),
+            remove_components: BTreeMap::new(),
         }
     }
 }
@@ -120,6 +126,12 @@ pub struct Plan {
     pub protect_until: usize,
     /// Precision of the protected blocks.
     pub protect_precision: ProtectPrecision,
+    /// Sub-components removed from kept blocks (original index to mask).
+    pub removed_components: BTreeMap<usize, BlockMask>,
+    /// Sub-component cuts the report suggests (`12.ff` entries for `--remove`): in
+    /// kept, unprotected blocks, measured to change the output less than the costliest
+    /// block the plan removes, cheapest first. Empty without a report.
+    pub proposed_components: Vec<String>,
     /// Measured sensitivity per block (empty when no report was given).
     pub sensitivity: Vec<f32>,
     /// Removal cost per block (sensitivity and prior combined; `inf` = not a candidate).
@@ -136,7 +148,10 @@ pub struct Plan {
     pub summary: String,
 }
 
-/// The published cuts (end-exclusive ranges in the reference code).
+/// The published cuts: the released scripts' `CUT_BLOCKS` strings (`25-29,31-35` for
+/// SD3.5 Large Turbo, `13,15,16,18,20,21` for Medium) as their parser reads them, a
+/// range `a-b` being Python's `range(a, b)` (end exclusive; the parser's own comment
+/// says inclusive, its code does not).
 fn preset_blocks(name: &str, cfg: &MmditConfig) -> Result<BTreeSet<usize>> {
     let (layers, blocks): (usize, Vec<usize>) = match name {
         "sd35-large-turbo" | "sd35-large" => (38, (25..29).chain(31..35).collect()),
@@ -248,15 +263,31 @@ pub fn make_plan(
         }
     };
 
-    let protect_until = match removed.iter().next() {
-        Some(&first) => first.max(protect_floor),
-        None => protect_floor,
-    };
+    // The protected (frozen) range ends at the first block anything is removed from.
+    let first_cut = removed
+        .iter()
+        .chain(opts.remove_components.keys())
+        .min()
+        .copied();
+    let protect_until = first_cut.map_or(protect_floor, |f| f.max(protect_floor));
     let kept: Vec<usize> = (0..l).filter(|i| !removed.contains(i)).collect();
+    check_component_cuts(cfg, &opts.remove_components, &removed, protect_floor)?;
     let freeze: Vec<bool> = (0..l).map(|i| i < protect_until).collect();
     let distillation_weights = distillation_weights(&kept, &freeze, &sensitivity);
     let dense = dense_blocks_for(l, &removed, protect_until, opts.protect_precision);
-    let spec = PruneSpec::remove_blocks(removed.iter().copied());
+    let spec = PruneSpec {
+        removed_blocks: removed.clone(),
+        masks: opts.remove_components.clone(),
+    };
+    let proposed_components = report.map_or_else(Vec::new, |r| {
+        propose_components(
+            r,
+            &removed,
+            &opts.remove_components,
+            protect_until,
+            &sensitivity,
+        )
+    });
     let estimated_bytes = estimate_package_bytes(
         cfg,
         &spec,
@@ -270,6 +301,7 @@ pub fn make_plan(
         opts,
         !sensitivity.is_empty(),
         &removed_blocks,
+        &spec,
         kept.len(),
         l,
         protect_until,
@@ -282,6 +314,8 @@ pub fn make_plan(
         kept_blocks: kept,
         protect_until,
         protect_precision: opts.protect_precision,
+        removed_components: opts.remove_components.clone(),
+        proposed_components,
         sensitivity,
         removal_cost,
         distillation_weights,
@@ -489,6 +523,7 @@ fn summary(
     opts: &PlanOptions,
     measured: bool,
     removed: &[usize],
+    spec: &PruneSpec,
     kept: usize,
     l: usize,
     protect_until: usize,
@@ -508,8 +543,14 @@ fn summary(
     } else {
         "positional prior only".to_string()
     };
+    let cuts = component_list(&spec.masks);
+    let cuts = if cuts.is_empty() {
+        String::new()
+    } else {
+        format!(", sub-components removed [{}]", cuts.join(", "))
+    };
     format!(
-        "{how} ({basis}): removed {removed:?}, kept {kept}/{l}, protected 0..{protect_until} ({}), \
+        "{how} ({basis}): removed {removed:?}{cuts}, kept {kept}/{l}, protected 0..{protect_until} ({}), \
          {} weights, ~{estimated_bytes} bytes ({:.1}% of f16)",
         match opts.protect_precision {
             ProtectPrecision::F16 => "f16",
@@ -518,6 +559,73 @@ fn summary(
         opts.weights,
         100.0 * estimated_bytes as f64 / dense_f16_bytes.max(1) as f64
     )
+}
+
+/// `12.ff`-style entries of `masks`, by block then component.
+pub fn component_list(masks: &BTreeMap<usize, BlockMask>) -> Vec<String> {
+    masks
+        .iter()
+        .flat_map(|(b, m)| m.names().into_iter().map(move |n| format!("{b}.{n}")))
+        .collect()
+}
+
+/// Checks the requested sub-component cuts against the plan: each in a kept block
+/// past the protected range, `attn2` only in a dual-attention block.
+fn check_component_cuts(
+    cfg: &MmditConfig,
+    cuts: &BTreeMap<usize, BlockMask>,
+    removed: &BTreeSet<usize>,
+    protect_until: usize,
+) -> Result<()> {
+    for (&b, mask) in cuts {
+        let reason = if b >= cfg.num_layers {
+            format!("block {b} is outside the model's {} blocks", cfg.num_layers)
+        } else if removed.contains(&b) {
+            format!("block {b} is removed whole")
+        } else if b < protect_until {
+            format!("block {b} is in the protected range 0..{protect_until}")
+        } else if mask.attn2 && !cfg.is_dual(b) {
+            format!("block {b} has no attn2 (not a dual-attention block)")
+        } else {
+            continue;
+        };
+        return Err(Error::invalid("remove_components", reason));
+    }
+    Ok(())
+}
+
+/// Sub-component cuts the report measures as cheaper than the costliest removed block
+/// (see [`Plan::proposed_components`]).
+fn propose_components(
+    report: &SensitivityReport,
+    removed: &BTreeSet<usize>,
+    already: &BTreeMap<usize, BlockMask>,
+    protect_until: usize,
+    sensitivity: &[f32],
+) -> Vec<String> {
+    let Some(threshold) = removed
+        .iter()
+        .filter_map(|&b| sensitivity.get(b).copied())
+        .filter(|v| v.is_finite())
+        .reduce(f32::max)
+    else {
+        return Vec::new();
+    };
+    let mut found: Vec<(f32, String)> = report
+        .blocks
+        .iter()
+        .filter(|b| b.block >= protect_until && !removed.contains(&b.block))
+        .flat_map(|b| {
+            let mask = already.get(&b.block).copied().unwrap_or_default();
+            b.components
+                .iter()
+                .filter(move |c| !mask.names().contains(&c.component.as_str()))
+                .filter(move |c| c.rel_l2.is_finite() && c.rel_l2 <= threshold)
+                .map(move |c| (c.rel_l2, format!("{}.{}", b.block, c.component)))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    found.into_iter().map(|(_, name)| name).collect()
 }
 
 /// The kept blocks below `protect_until`, when they stay f16.
@@ -539,7 +647,10 @@ impl Plan {
     /// `base` with this plan's removed blocks, protected f16 blocks and provenance.
     pub fn compress_options(&self, base: CompressOptions) -> CompressOptions {
         CompressOptions {
-            spec: PruneSpec::remove_blocks(self.removed_blocks.iter().copied()),
+            spec: PruneSpec {
+                removed_blocks: self.removed_blocks.iter().copied().collect(),
+                masks: self.removed_components.clone(),
+            },
             dense_blocks: dense_blocks_for(
                 self.num_layers,
                 &self.removed_blocks.iter().copied().collect(),

@@ -207,12 +207,17 @@ fn quantizer_name(opts: &CompressOptions) -> String {
 /// Checks options that do not depend on the checkpoint.
 fn check_options(cfg: &MmditConfig, opts: &CompressOptions) -> Result<()> {
     opts.spec.validate(cfg.num_layers)?;
-    if opts.spec.masks.values().any(|m| !m.is_empty()) {
-        return Err(Error::Unsupported {
-            what: "removing sub-components in a package (the manifest records kept blocks \
-                   only; remove whole blocks)"
-                .to_string(),
-        });
+    if let Some(b) = opts
+        .spec
+        .masks
+        .iter()
+        .find(|(b, m)| m.attn2 && !cfg.is_dual(**b))
+        .map(|(b, _)| b)
+    {
+        return Err(Error::invalid(
+            "pruning plan",
+            format!("block {b} has no `attn2` to remove (not a dual-attention block)"),
+        ));
     }
     if opts.spec.removed_blocks.len() >= cfg.num_layers {
         return Err(Error::invalid(
@@ -399,6 +404,7 @@ pub fn compress_opened(
     let info = PackageInfo {
         architecture: Some(config.clone()),
         kept_blocks: kept_blocks.iter().map(|&i| i as u32).collect(),
+        removed_components: opts.spec.component_cuts(config.num_layers),
         provenance: Provenance {
             source,
             source_bytes,

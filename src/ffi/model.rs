@@ -91,7 +91,10 @@ pub unsafe extern "C" fn hp_model_free(model: *mut b::hp_model) -> Status {
 fn info(model: *const b::hp_model, out: *mut b::hp_model_info) -> FfiResult {
     let state = handles::model(model as usize)?;
     let cfg = state.model.config();
-    let kept = state.model.prune_spec().kept_blocks(cfg.num_layers).len();
+    let spec = state.model.prune_spec();
+    let kept = spec.kept_blocks(cfg.num_layers);
+    let component_cuts: usize = kept.iter().map(|&b| spec.mask(b).names().len()).sum();
+    let kept = kept.len();
     let bytes = &state.bytes;
     let value = b::hp_model_info {
         struct_size: size_of::<b::hp_model_info>(),
@@ -119,6 +122,7 @@ fn info(model: *const b::hp_model, out: *mut b::hp_model_info) -> FfiResult {
         file_bytes: state.file_bytes,
         is_package: state.is_package,
         qk_norm: cfg.has_qk_norm(),
+        num_component_cuts: to_u32(component_cuts, "component cuts")?,
     };
     write_out(out, value, "out")
 }
@@ -140,6 +144,8 @@ pub unsafe extern "C" fn hp_model_get_info(
 enum BlockList {
     Kept,
     DualAttention,
+    /// Kept blocks without the named sub-component.
+    Without(&'static str),
 }
 
 impl TryFrom<i32> for BlockList {
@@ -150,6 +156,16 @@ impl TryFrom<i32> for BlockList {
             x if x == b::hp_block_list_HP_BLOCKS_KEPT as i32 => Ok(BlockList::Kept),
             x if x == b::hp_block_list_HP_BLOCKS_DUAL_ATTENTION as i32 => {
                 Ok(BlockList::DualAttention)
+            }
+            x if x == b::hp_block_list_HP_BLOCKS_NO_NORM1 as i32 => Ok(BlockList::Without("norm1")),
+            x if x == b::hp_block_list_HP_BLOCKS_NO_NORM1_CONTEXT as i32 => {
+                Ok(BlockList::Without("norm1_context"))
+            }
+            x if x == b::hp_block_list_HP_BLOCKS_NO_ATTN as i32 => Ok(BlockList::Without("attn")),
+            x if x == b::hp_block_list_HP_BLOCKS_NO_ATTN2 as i32 => Ok(BlockList::Without("attn2")),
+            x if x == b::hp_block_list_HP_BLOCKS_NO_FF as i32 => Ok(BlockList::Without("ff")),
+            x if x == b::hp_block_list_HP_BLOCKS_NO_FF_CONTEXT as i32 => {
+                Ok(BlockList::Without("ff_context"))
             }
             other => Err(Failure::invalid(format!(
                 "which = {other} is not an hp_block_list value"
@@ -179,6 +195,13 @@ fn blocks(
     let list: Vec<usize> = match which {
         BlockList::Kept => state.model.prune_spec().kept_blocks(cfg.num_layers),
         BlockList::DualAttention => cfg.dual_attention_layers.clone(),
+        BlockList::Without(component) => {
+            let spec = state.model.prune_spec();
+            spec.kept_blocks(cfg.num_layers)
+                .into_iter()
+                .filter(|&b| spec.mask(b).names().contains(&component))
+                .collect()
+        }
     };
     // SAFETY: checked non-NULL and aligned.
     unsafe { count.write(list.len()) };

@@ -253,6 +253,38 @@ pub struct Manifest {
     pub tensors: Vec<TensorEntry>,
     /// Where the package came from.
     pub provenance: Provenance,
+    /// Sub-components removed from kept blocks (format version 2; empty in version 1).
+    pub removed_components: Vec<ComponentCut>,
+}
+
+/// The names of a block's removable sub-components, as diffusers names its modules.
+pub const COMPONENT_NAMES: [&str; 6] = [
+    "norm1",
+    "norm1_context",
+    "attn",
+    "attn2",
+    "ff",
+    "ff_context",
+];
+
+/// The sub-components removed from one kept block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentCut {
+    /// The block's original index (one of `kept_blocks`).
+    pub block: u32,
+    /// Names from [`COMPONENT_NAMES`], each once.
+    pub components: Vec<String>,
+}
+
+/// A version 1 manifest: [`Manifest`] before `removed_components`.
+#[derive(Deserialize)]
+struct ManifestV1 {
+    format_version: u32,
+    architecture: Option<MmditConfig>,
+    kept_blocks: Vec<u32>,
+    layers: Vec<LayerEntry>,
+    tensors: Vec<TensorEntry>,
+    provenance: Provenance,
 }
 
 /// The parts of a [`Manifest`] a package writer takes from its caller; the writer adds
@@ -265,24 +297,22 @@ pub struct PackageInfo {
     pub kept_blocks: Vec<u32>,
     /// Where the package came from.
     pub provenance: Provenance,
+    /// Sub-components removed from kept blocks.
+    pub removed_components: Vec<ComponentCut>,
 }
 
 impl Manifest {
-    /// Reads the leading format version of encoded manifest bytes alone:
-    /// [`Error::UnsupportedFormatVersion`] for any version but
+    /// Reads the leading format version of encoded manifest bytes alone and returns
+    /// it: [`Error::UnsupportedFormatVersion`] for a version outside
+    /// [`MIN_FORMAT_VERSION`](crate::format::MIN_FORMAT_VERSION)..=
     /// [`FORMAT_VERSION`](crate::format::FORMAT_VERSION), before the rest is decoded.
-    pub fn check_version(bytes: &[u8]) -> Result<()> {
+    pub fn check_version(bytes: &[u8]) -> Result<u32> {
         let (version, _) =
             postcard::take_from_bytes::<u32>(bytes).map_err(|e| Error::ManifestCorrupt {
                 reason: format!("cannot read the format version: {e}"),
             })?;
-        if version != crate::format::FORMAT_VERSION {
-            return Err(Error::UnsupportedFormatVersion {
-                found: version,
-                supported: crate::format::FORMAT_VERSION,
-            });
-        }
-        Ok(())
+        crate::format::check_format_version(version)?;
+        Ok(version)
     }
 
     /// Encodes the manifest with postcard, as a package stores it.
@@ -295,11 +325,24 @@ impl Manifest {
     /// structure, with nothing left over). Checks no rule beyond the encoding; a
     /// [`Package`](crate::format::Package) checks the manifest against its file.
     pub fn decode(bytes: &[u8]) -> Result<Manifest> {
-        Self::check_version(bytes)?;
-        let (manifest, rest) =
-            postcard::take_from_bytes::<Manifest>(bytes).map_err(|e| Error::ManifestCorrupt {
-                reason: e.to_string(),
-            })?;
+        let corrupt = |e: postcard::Error| Error::ManifestCorrupt {
+            reason: e.to_string(),
+        };
+        let (manifest, rest) = if Self::check_version(bytes)? == 1 {
+            let (v1, rest) = postcard::take_from_bytes::<ManifestV1>(bytes).map_err(corrupt)?;
+            let manifest = Manifest {
+                format_version: v1.format_version,
+                architecture: v1.architecture,
+                kept_blocks: v1.kept_blocks,
+                layers: v1.layers,
+                tensors: v1.tensors,
+                provenance: v1.provenance,
+                removed_components: Vec::new(),
+            };
+            (manifest, rest)
+        } else {
+            postcard::take_from_bytes::<Manifest>(bytes).map_err(corrupt)?
+        };
         if !rest.is_empty() {
             return Err(Error::ManifestCorrupt {
                 reason: format!("{} bytes follow the encoded manifest", rest.len()),

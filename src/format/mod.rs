@@ -10,14 +10,32 @@ pub mod read;
 mod validate;
 pub mod write;
 
-pub use manifest::{Dtype, LayerEntry, Manifest, PackageInfo, Precision, Provenance, TensorEntry};
+pub use manifest::{
+    COMPONENT_NAMES, ComponentCut, Dtype, LayerEntry, Manifest, PackageInfo, Precision, Provenance,
+    TensorEntry,
+};
 pub use read::{Package, TensorView};
 pub use write::PackageWriter;
 
 /// Name of the tensor that holds the postcard-encoded manifest.
 pub const MANIFEST_TENSOR: &str = "__manifest__";
 /// The package format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest package format version read (version 1 has no `removed_components`).
+pub const MIN_FORMAT_VERSION: u32 = 1;
+
+/// [`Error::UnsupportedFormatVersion`](crate::Error::UnsupportedFormatVersion) for a
+/// version this build does not read.
+pub fn check_format_version(version: u32) -> crate::Result<()> {
+    if (MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+        Ok(())
+    } else {
+        Err(crate::Error::UnsupportedFormatVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        })
+    }
+}
 /// Value of the `format` key in the safetensors header metadata.
 pub const FORMAT_NAME: &str = "hiprune";
 /// Header metadata key holding the CRC-32 of the manifest bytes (8 lowercase hex digits).

@@ -14,8 +14,8 @@ use std::fmt;
 use crate::config::MmditConfig;
 use crate::error::{Error, Result};
 use crate::format::{
-    Dtype, FORMAT_NAME, FORMAT_VERSION, LayerEntry, MANIFEST_CRC_KEY, MANIFEST_TENSOR,
-    MAX_HEADER_BYTES, MAX_TENSORS, Manifest, Precision,
+    COMPONENT_NAMES, ComponentCut, Dtype, FORMAT_NAME, LayerEntry, MANIFEST_CRC_KEY,
+    MANIFEST_TENSOR, MAX_HEADER_BYTES, MAX_TENSORS, Manifest, Precision, check_format_version,
 };
 use crate::quant::{Q4Kind, check_q4_dims};
 
@@ -228,6 +228,11 @@ pub(super) fn validate(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         check_layer(layer, &shapes)?;
     }
     check_kept_blocks(manifest.architecture.as_ref(), &manifest.kept_blocks)?;
+    check_removed_components(
+        manifest.architecture.as_ref(),
+        &manifest.kept_blocks,
+        &manifest.removed_components,
+    )?;
 
     Ok(Parsed {
         metadata,
@@ -265,12 +270,7 @@ fn check_metadata(
             format!("metadata `format_version` `{version}` is not a number"),
         )
     })?;
-    if version != FORMAT_VERSION {
-        return Err(Error::UnsupportedFormatVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    check_format_version(version)?;
     if !metadata.contains_key(MANIFEST_CRC_KEY) {
         return Err(not_a_package(
             path,
@@ -387,7 +387,15 @@ fn decode_manifest(
     metadata: &BTreeMap<String, String>,
     path: &Path,
 ) -> Result<Manifest> {
-    Manifest::check_version(bytes)?;
+    let version = Manifest::check_version(bytes)?;
+    if metadata.get("format_version").map(String::as_str) != Some(version.to_string().as_str()) {
+        return Err(Error::ManifestCorrupt {
+            reason: format!(
+                "it is format version {version} but the header metadata says {:?}",
+                metadata.get("format_version")
+            ),
+        });
+    }
     let recorded = metadata
         .get(MANIFEST_CRC_KEY)
         .ok_or_else(|| not_a_package(path, format!("metadata has no `{MANIFEST_CRC_KEY}` key")))?;
@@ -625,6 +633,66 @@ pub(crate) fn check_kept_blocks(architecture: Option<&MmditConfig>, kept: &[u32]
                     arch.num_layers
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `removed_components`: each entry a block that runs (in `kept_blocks`, or in
+/// the architecture when every block is kept), listed once, with known component names
+/// each once, `attn2` only in a dual-attention block.
+pub(crate) fn check_removed_components(
+    architecture: Option<&MmditConfig>,
+    kept: &[u32],
+    cuts: &[ComponentCut],
+) -> Result<()> {
+    let field = "manifest field `removed_components`";
+    let mut seen = HashSet::with_capacity(cuts.len());
+    for cut in cuts {
+        let b = cut.block;
+        if !seen.insert(b) {
+            return Err(Error::invalid(field, format!("block {b} is listed twice")));
+        }
+        let runs = if kept.is_empty() {
+            architecture.is_some_and(|a| (b as usize) < a.num_layers)
+        } else {
+            kept.contains(&b)
+        };
+        if !runs {
+            return Err(Error::invalid(
+                field,
+                format!("block {b} is not a block the model runs"),
+            ));
+        }
+        if cut.components.is_empty() {
+            return Err(Error::invalid(
+                field,
+                format!("block {b} lists no component"),
+            ));
+        }
+        let mut names = HashSet::new();
+        for c in &cut.components {
+            if !COMPONENT_NAMES.contains(&c.as_str()) {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "block {b}: `{c}` is not one of {}",
+                        COMPONENT_NAMES.join(", ")
+                    ),
+                ));
+            }
+            if !names.insert(c.as_str()) {
+                return Err(Error::invalid(
+                    field,
+                    format!("block {b}: `{c}` is listed twice"),
+                ));
+            }
+            if c == "attn2" && architecture.is_some_and(|a| !a.is_dual(b as usize)) {
+                return Err(Error::invalid(
+                    field,
+                    format!("block {b} has no `attn2` (not a dual-attention block)"),
+                ));
+            }
         }
     }
     Ok(())

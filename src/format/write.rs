@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use tempfile::NamedTempFile;
 
 use crate::error::{Error, Result};
-use crate::format::validate::{check_kept_blocks, check_layer};
+use crate::format::validate::{check_kept_blocks, check_layer, check_removed_components};
 use crate::format::{
     Dtype, FORMAT_NAME, FORMAT_VERSION, LayerEntry, MANIFEST_CRC_KEY, MANIFEST_TENSOR,
     MAX_HEADER_BYTES, MAX_TENSORS, Manifest, PackageInfo, Precision, TensorEntry,
@@ -409,6 +409,11 @@ impl PackageWriter {
     pub fn finish(self, info: PackageInfo) -> Result<PathBuf> {
         self.check_usable()?;
         check_kept_blocks(info.architecture.as_ref(), &info.kept_blocks)?;
+        check_removed_components(
+            info.architecture.as_ref(),
+            &info.kept_blocks,
+            &info.removed_components,
+        )?;
         let shapes: HashMap<&str, (Dtype, &[u64])> = self
             .tensors
             .iter()
@@ -461,6 +466,7 @@ impl PackageWriter {
                 })
                 .collect(),
             provenance: info.provenance,
+            removed_components: info.removed_components,
         };
         let manifest_bytes = manifest.encode()?;
 

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::format::{COMPONENT_NAMES, ComponentCut};
 
 /// The removable sub-components of one block.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +45,25 @@ impl BlockMask {
         *self == BlockMask::default()
     }
 
+    /// The names of the removed sub-components, in [`COMPONENT_NAMES`] order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let flags = [
+            self.norm1,
+            self.norm1_context,
+            self.attn,
+            self.attn2,
+            self.ff,
+            self.ff_context,
+        ];
+        COMPONENT_NAMES
+            .iter()
+            .zip(flags)
+            .filter_map(|(&n, f)| f.then_some(n))
+            .collect()
+    }
+
     /// Marks the sub-component named as in diffusers (`norm1`, `norm1_context`, `attn`,
-    /// `attn2`, `ff`, `ff_context`) removed.
+    /// `attn2`, `ff`, `ff_context`: [`COMPONENT_NAMES`]) removed.
     pub fn remove(&mut self, component: &str) -> Result<()> {
         let flag = match component {
             "norm1" => &mut self.norm1,
@@ -57,9 +75,7 @@ impl BlockMask {
             other => {
                 return Err(Error::invalid(
                     "block sub-component",
-                    format!(
-                        "`{other}` is not one of norm1, norm1_context, attn, attn2, ff, ff_context"
-                    ),
+                    format!("`{other}` is not one of {}", COMPONENT_NAMES.join(", ")),
                 ));
             }
         };
@@ -106,6 +122,59 @@ impl PruneSpec {
         }
         let kept: Vec<usize> = kept.iter().map(|&i| i as usize).collect();
         PruneSpec::keep_only(num_layers, &kept)
+    }
+
+    /// The plan a package's manifest records: `kept_blocks` (see
+    /// [`PruneSpec::from_kept_blocks`]) and the sub-components removed from them.
+    pub fn from_manifest(num_layers: usize, kept: &[u32], cuts: &[ComponentCut]) -> Result<Self> {
+        let mut spec = PruneSpec::from_kept_blocks(num_layers, kept);
+        for cut in cuts {
+            for c in &cut.components {
+                spec.remove_component(cut.block as usize, c)?;
+            }
+        }
+        Ok(spec)
+    }
+
+    /// The removed sub-components of the blocks that run, as a manifest records them
+    /// (blocks in order, empty masks left out).
+    pub fn component_cuts(&self, num_layers: usize) -> Vec<ComponentCut> {
+        self.kept_blocks(num_layers)
+            .into_iter()
+            .filter_map(|b| {
+                let names = self.mask(b).names();
+                (!names.is_empty()).then(|| ComponentCut {
+                    block: b as u32,
+                    components: names.into_iter().map(str::to_string).collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Parses a removal list: whole blocks (`3`) and sub-components of blocks
+    /// (`12.ff`, `14.attn2`), comma-separated (empty string = none). Errors name the
+    /// entry.
+    pub fn parse_removals(list: &str) -> Result<PruneSpec> {
+        let mut spec = PruneSpec::none();
+        for entry in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (block, component) = match entry.split_once('.') {
+                Some((b, c)) => (b, Some(c)),
+                None => (entry, None),
+            };
+            let block: usize = block.parse().map_err(|_| {
+                Error::invalid(
+                    "removal list",
+                    format!("`{entry}` is not a block index or BLOCK.COMPONENT (e.g. 12.ff)"),
+                )
+            })?;
+            match component {
+                None => {
+                    spec.removed_blocks.insert(block);
+                }
+                Some(c) => spec.remove_component(block, c)?,
+            }
+        }
+        Ok(spec)
     }
 
     /// Parses a comma-separated block list such as `3,5` (empty string = none).

@@ -61,13 +61,18 @@ pub enum ProtectArg {
 /// Pruning-plan options shared by `compress`.
 #[derive(Args, Debug)]
 pub struct PlanArgs {
-    /// A published cut: sd35-large-turbo (removes 25-28, 31-34 of 38) or sd35-medium
-    /// (removes 13,15,16,18,20,21 of 24).
+    /// A published cut, as the released HierarchicalPrune scripts remove it:
+    /// sd35-large-turbo (removes 25-28 and 31-34 of 38, their "25-29,31-35" with
+    /// end-exclusive ranges; 30 remain) or sd35-medium (removes 13,15,16,18,20,21 of 24;
+    /// 18 remain).
     #[arg(long)]
     preset: Option<String>,
-    /// Remove exactly these blocks (comma-separated original indices).
-    #[arg(long)]
-    remove_blocks: Option<String>,
+    /// Remove exactly these blocks and sub-components, comma-separated: original block
+    /// indices (`25,26`) and BLOCK.COMPONENT entries (`12.ff,14.attn2`; components:
+    /// norm1, norm1_context, attn, attn2, ff, ff_context). Sub-component entries
+    /// combine with the other targets.
+    #[arg(long, visible_alias = "remove-blocks", value_name = "LIST")]
+    remove: Option<String>,
     /// Keep this many blocks, removing the lowest-cost ones.
     #[arg(long)]
     target_blocks: Option<usize>,
@@ -96,13 +101,21 @@ pub struct PlanArgs {
 }
 
 impl PlanArgs {
+    /// The `--remove` list: its whole blocks and its sub-component cuts.
+    fn removals(&self) -> Result<PruneSpec> {
+        self.remove
+            .as_deref()
+            .map_or_else(|| Ok(PruneSpec::none()), PruneSpec::parse_removals)
+    }
+
     fn target(&self) -> Result<PlanTarget> {
         let mut targets = Vec::new();
         if let Some(p) = &self.preset {
             targets.push(PlanTarget::Preset(p.clone()));
         }
-        if let Some(list) = &self.remove_blocks {
-            targets.push(PlanTarget::Remove(PruneSpec::parse_block_list(list)?));
+        let removals = self.removals()?;
+        if !removals.removed_blocks.is_empty() {
+            targets.push(PlanTarget::Remove(removals.removed_blocks));
         }
         if let Some(n) = self.target_blocks {
             targets.push(PlanTarget::Blocks(n));
@@ -118,7 +131,7 @@ impl PlanArgs {
             1 => Ok(targets.remove(0)),
             _ => Err(Error::invalid(
                 "plan options",
-                "give at most one of --preset, --remove-blocks, --target-blocks, --target-bytes, --target-ratio",
+                "give at most one of --preset, --remove (with blocks), --target-blocks, --target-bytes, --target-ratio",
             )),
         }
     }
@@ -210,8 +223,16 @@ pub fn run_compress(args: &CompressArgs) -> Result<()> {
             group: args.group,
             pos_table_computed,
             absent_blocks: checkpoint.spec.removed_blocks.clone(),
+            remove_components: args.plan.removals()?.masks,
         },
     )?;
+    if !plan.proposed_components.is_empty() {
+        eprintln!(
+            "proposed sub-component cuts (cheaper than the costliest removed block; pass \
+             them with --remove): {}",
+            plan.proposed_components.join(",")
+        );
+    }
     eprintln!("plan: {}", plan.summary);
     if let Some(p) = &args.plan.plan_output {
         let text = plan.to_json()?;

@@ -32,6 +32,7 @@ struct InspectReport {
     architecture: Option<hiprune::model::MmditConfig>,
     kept_blocks: Vec<u32>,
     removed_blocks: Vec<u32>,
+    removed_components: Vec<hiprune::format::ComponentCut>,
     layers: Vec<LayerInfo>,
     bytes_by_precision: BTreeMap<String, u64>,
     other_tensor_bytes: u64,
@@ -125,6 +126,7 @@ pub fn run(path: &Path, checkpoint: &CheckpointArgs, json: bool, verify: bool) -
         architecture: manifest.architecture.clone(),
         kept_blocks: manifest.kept_blocks.clone(),
         removed_blocks,
+        removed_components: manifest.removed_components.clone(),
         layers,
         bytes_by_precision,
         other_tensor_bytes,
@@ -155,7 +157,8 @@ fn held_weight_bytes(package: Package) -> Result<Option<WeightBytes>> {
         return Ok(None);
     };
     cfg.validate()?;
-    let spec = PruneSpec::from_kept_blocks(cfg.num_layers, &package.manifest().kept_blocks);
+    let m = package.manifest();
+    let spec = PruneSpec::from_manifest(cfg.num_layers, &m.kept_blocks, &m.removed_components)?;
     WeightBytes::count(&Weights::from_package(package), &cfg, &spec).map(Some)
 }
 
@@ -197,6 +200,18 @@ fn print_report(r: &InspectReport) {
             r.removed_blocks.len(),
             r.removed_blocks
         );
+        if !r.removed_components.is_empty() {
+            let cuts: Vec<String> = r
+                .removed_components
+                .iter()
+                .flat_map(|c| c.components.iter().map(move |n| format!("{}.{n}", c.block)))
+                .collect();
+            println!(
+                "removed sub-components ({}): {}",
+                cuts.len(),
+                cuts.join(", ")
+            );
+        }
     }
     if !r.provenance.source.is_empty() {
         println!(

@@ -111,6 +111,8 @@ const FLAG_OF_FIELD: &[(&str, &str)] = &[
     ("protect_until", "--protect-until"),
     ("target_blocks", "--target-blocks"),
     ("target_ratio", "--target-ratio"),
+    ("remove_components", "--remove"),
+    ("removal list", "--remove"),
 ];
 
 /// `err` with an option field replaced by the flag that sets it.

@@ -123,8 +123,12 @@ impl Checkpoint {
                         "holds no model architecture",
                     )
                 })?;
-                let spec =
-                    PruneSpec::from_kept_blocks(config.num_layers, &package.manifest().kept_blocks);
+                let manifest = package.manifest();
+                let spec = PruneSpec::from_manifest(
+                    config.num_layers,
+                    &manifest.kept_blocks,
+                    &manifest.removed_components,
+                )?;
                 Ok(Checkpoint {
                     path: path.to_path_buf(),
                     kind,
