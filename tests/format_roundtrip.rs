@@ -826,3 +826,31 @@ fn manifest_with_nan_floats_roundtrips_as_bytes() {
     assert_eq!(decoded.encode().unwrap(), bytes);
     assert!(decoded.provenance.distillation_weights[1].is_nan());
 }
+
+/// A version-1 manifest re-encodes in the version-1 layout (found by fuzzing).
+#[test]
+fn version_1_manifests_reencode_as_version_1() {
+    use hiprune::format::{ComponentCut, Manifest, Provenance};
+    let mut m = Manifest {
+        format_version: 1,
+        architecture: None,
+        kept_blocks: vec![0, 2],
+        layers: Vec::new(),
+        tensors: Vec::new(),
+        provenance: Provenance::default(),
+        removed_components: Vec::new(),
+    };
+    let v1 = m.encode().unwrap();
+    m.format_version = 2;
+    let v2 = m.encode().unwrap();
+    assert_eq!(v1.len() + 1, v2.len(), "v2 adds one empty list");
+    let back = Manifest::decode(&v1).unwrap();
+    assert_eq!(back.format_version, 1);
+    assert_eq!(back.encode().unwrap(), v1);
+    m.format_version = 1;
+    m.removed_components = vec![ComponentCut {
+        block: 0,
+        components: vec!["ff".into()],
+    }];
+    assert!(m.encode().is_err());
+}

@@ -277,7 +277,7 @@ pub struct ComponentCut {
 }
 
 /// A version 1 manifest: [`Manifest`] before `removed_components`.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct ManifestV1 {
     format_version: u32,
     architecture: Option<MmditConfig>,
@@ -315,10 +315,29 @@ impl Manifest {
         Ok(version)
     }
 
-    /// Encodes the manifest with postcard, as a package stores it.
+    /// Encodes the manifest with postcard, as a package stores it, in the layout of its
+    /// `format_version` (version 1 has no `removed_components`, so a version-1 manifest
+    /// with some is an error).
     pub fn encode(&self) -> Result<Vec<u8>> {
-        postcard::to_allocvec(self)
-            .map_err(|e| Error::invalid("manifest", format!("cannot encode: {e}")))
+        let cannot = |e: postcard::Error| Error::invalid("manifest", format!("cannot encode: {e}"));
+        if self.format_version != 1 {
+            return postcard::to_allocvec(self).map_err(cannot);
+        }
+        if !self.removed_components.is_empty() {
+            return Err(Error::invalid(
+                "manifest",
+                "format version 1 cannot record removed_components",
+            ));
+        }
+        postcard::to_allocvec(&ManifestV1 {
+            format_version: 1,
+            architecture: self.architecture.clone(),
+            kept_blocks: self.kept_blocks.clone(),
+            layers: self.layers.clone(),
+            tensors: self.tensors.clone(),
+            provenance: self.provenance.clone(),
+        })
+        .map_err(cannot)
     }
 
     /// Decodes postcard-encoded manifest bytes (version first, then the whole
