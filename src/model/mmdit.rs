@@ -196,7 +196,7 @@ impl<B: Backend> Mmdit<B> {
     /// on [`Device::Cpu`], `Mmdit::<CudaBackend>` on [`Device::Cuda`] (feature `cuda`;
     /// `crate::backend::cuda::CudaBackend`). Asking a backend for a device it does not
     /// run on is an error; for the CPU model a CUDA device gives
-    /// [`Error::BackendNotCompiled`] in a build without the `cuda` feature.
+    /// [`crate::Error::BackendNotCompiled`] in a build without the `cuda` feature.
     pub fn load_on(path: impl AsRef<Path>, device: Device) -> Result<Mmdit<B>> {
         Mmdit::load_with(path, B::open(device)?)
     }

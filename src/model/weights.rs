@@ -1,6 +1,6 @@
 //! [`Weights`]: the tensors of an MMDiT transformer by their diffusers names (original
 //! block indices), from memory-mapped safetensors files (the checkpoint readers in
-//! [`crate::model::checkpoint`] fill them through [`MappedWeights`]), from an `.hpk`
+//! [`crate::model::checkpoint`] fill them through `MappedWeights`), from an `.hpk`
 //! [`Package`], or from memory.
 //!
 //! Linear layers are handed out as [`LinearWeights`] views without copying: dense

@@ -10,7 +10,7 @@
 //!   (scale, shift): the last block's context modulation (`norm1_context` of the
 //!   `context_pre_only` block) and the final layer (`norm_out`) are read with their
 //!   halves swapped (a copy of those two matrices, in their dtype);
-//! - everything else is renamed (see [`rename`]).
+//! - everything else is renamed one to one.
 //!
 //! The configuration comes from the shapes: hidden size D from `x_embedder`, heads =
 //! D / head dim (64 in the SD3 family unless told otherwise; never the block count),
@@ -182,7 +182,7 @@ pub struct OriginalTensor {
 /// The single-file layout of a model whose diffusers tensors are `present` (a
 /// predicate on names) and whose last block is `num_layers - 1`: every original
 /// tensor all of whose parts are present, in name order. The inverse of what
-/// [`read`] does, from the same renaming, so a writer cannot disagree with the reader.
+/// the reader does, from the same renaming, so a writer cannot disagree with the reader.
 pub fn original_layout(present: &dyn Fn(&str) -> bool, num_layers: usize) -> Vec<OriginalTensor> {
     let mut candidates: Vec<(String, bool)> = vec![("pos_embed".to_string(), false)];
     for param in ["weight", "bias"] {
