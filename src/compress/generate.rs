@@ -214,7 +214,18 @@ struct TensorValues<'a> {
     f16: bool,
 }
 
-impl TensorValues<'_> {
+impl<'a> TensorValues<'a> {
+    /// The values of tensor `name` under `opts` (its stream is the seed mixed with the
+    /// name); `table` is [`table_for`]'s.
+    fn new(opts: &GenerateOptions, name: &str, init: Init, table: &'a [f32]) -> Self {
+        TensorValues {
+            stream: opts.seed ^ name_hash(name),
+            init,
+            table,
+            f16: opts.f16,
+        }
+    }
+
     /// Little-endian bytes of elements `start..end`.
     fn encode(&self, start: usize, end: usize) -> Vec<u8> {
         let elem = if self.f16 { 2 } else { 4 };
@@ -267,6 +278,29 @@ impl TensorValues<'_> {
         }
         Ok(())
     }
+}
+
+/// The sin-cos table an [`Init::Sincos`] tensor of `cfg` holds; empty for other inits.
+fn table_for(init: Init, cfg: &MmditConfig) -> Result<Vec<f32>> {
+    match init {
+        Init::Sincos => sincos_2d_f32(
+            cfg.pos_embed_max_size,
+            cfg.sample_size / cfg.patch_size,
+            cfg.hidden_size(),
+        ),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// A safetensors header as JSON bytes, padded with spaces so the data that follows the
+/// 8-byte length and the header starts 8-byte aligned; `what` names it in errors.
+fn padded_header(header: Map<String, Value>, what: &str) -> Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::invalid(what, e.to_string()))?;
+    while !(8 + bytes.len()).is_multiple_of(8) {
+        bytes.push(b' ');
+    }
+    Ok(bytes)
 }
 
 /// FNV-1a of a tensor name, to give each tensor its own stream.
@@ -341,11 +375,7 @@ fn generate_with_chunk(
             weight_map.insert(name.clone(), Value::String(file_name.clone()));
         }
         total_bytes += offset;
-        let mut header = serde_json::to_vec(&Value::Object(header))
-            .map_err(|e| Error::invalid("shard header", e.to_string()))?;
-        while !(8 + header.len()).is_multiple_of(8) {
-            header.push(b' ');
-        }
+        let header = padded_header(header, "shard header")?;
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         let io = |e| Error::io(&path, e);
@@ -355,21 +385,8 @@ fn generate_with_chunk(
         for &i in members {
             let (name, shape, init) = &tensors[i];
             let total: usize = shape.iter().product();
-            let table = match init {
-                Init::Sincos => {
-                    let cfg = &opts.config;
-                    let base = cfg.sample_size / cfg.patch_size;
-                    let dim = cfg.hidden_size();
-                    sincos_2d_f32(cfg.pos_embed_max_size, base, dim)?
-                }
-                _ => Vec::new(),
-            };
-            let values = TensorValues {
-                stream: opts.seed ^ name_hash(name),
-                init: *init,
-                table: &table,
-                f16: opts.f16,
-            };
+            let table = table_for(*init, &opts.config)?;
+            let values = TensorValues::new(opts, name, *init, &table);
             values.write(&mut w, total, chunk).map_err(io)?;
         }
         w.flush().map_err(io)?;
@@ -426,11 +443,7 @@ pub fn generate_single_file(path: &Path, opts: &GenerateOptions) -> Result<Gener
         );
         offset += bytes;
     }
-    let mut header = serde_json::to_vec(&Value::Object(header))
-        .map_err(|e| Error::invalid("single-file header", e.to_string()))?;
-    while !(8 + header.len()).is_multiple_of(8) {
-        header.push(b' ');
-    }
+    let header = padded_header(header, "single-file header")?;
 
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -446,23 +459,8 @@ pub fn generate_single_file(path: &Path, opts: &GenerateOptions) -> Result<Gener
         for part in &t.parts {
             let (shape, init) = &tensors[part];
             let total: usize = shape.iter().product();
-            let table = match init {
-                Init::Sincos => {
-                    let cfg = &opts.config;
-                    sincos_2d_f32(
-                        cfg.pos_embed_max_size,
-                        cfg.sample_size / cfg.patch_size,
-                        cfg.hidden_size(),
-                    )?
-                }
-                _ => Vec::new(),
-            };
-            let values = TensorValues {
-                stream: opts.seed ^ name_hash(part),
-                init: *init,
-                table: &table,
-                f16: opts.f16,
-            };
+            let table = table_for(*init, &opts.config)?;
+            let values = TensorValues::new(opts, part, *init, &table);
             if t.swapped {
                 values
                     .write_range(&mut w, total / 2, total, CHUNK)

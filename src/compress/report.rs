@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::format::COMPONENT_NAMES;
 
 /// Removal impact of one sub-component of a block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,14 +105,7 @@ impl SensitivityReport {
                 .filter_map(|b| b.rel_l2.map(|v| (b.block, v)))
                 .collect(),
         );
-        for comp in [
-            "norm1",
-            "norm1_context",
-            "attn",
-            "attn2",
-            "ff",
-            "ff_context",
-        ] {
+        for comp in COMPONENT_NAMES {
             push(
                 comp,
                 self.blocks

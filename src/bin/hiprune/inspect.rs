@@ -264,14 +264,6 @@ fn print_report(r: &InspectReport) {
 }
 
 #[derive(Serialize)]
-struct ComponentInfo {
-    name: String,
-    tensors: usize,
-    bytes: u64,
-    dtypes: Vec<String>,
-}
-
-#[derive(Serialize)]
 struct CheckpointReport {
     path: String,
     kind: &'static str,
@@ -281,7 +273,7 @@ struct CheckpointReport {
     present_blocks: Vec<usize>,
     missing_blocks: Vec<usize>,
     weight_bytes: WeightBytes,
-    components: Vec<ComponentInfo>,
+    components: Vec<Component>,
 }
 
 /// `inspect` of a checkpoint that is not a package.
@@ -296,16 +288,7 @@ fn run_checkpoint(ck: &Checkpoint, json: bool) -> Result<()> {
         present_blocks: ck.spec.kept_blocks(ck.config.num_layers),
         missing_blocks: missing,
         weight_bytes: WeightBytes::count(&ck.weights, &ck.config, &ck.spec)?,
-        components: ck
-            .components
-            .iter()
-            .map(|c: &Component| ComponentInfo {
-                name: c.name.clone(),
-                tensors: c.tensors,
-                bytes: c.bytes,
-                dtypes: c.dtypes.clone(),
-            })
-            .collect(),
+        components: ck.components.clone(),
     };
     if json {
         let text = serde_json::to_string_pretty(&report)

@@ -58,7 +58,7 @@ pub struct CheckpointOptions {
 
 /// Another model component stored in a single file beside the transformer (listed,
 /// not read by the transformer).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Component {
     /// `clip_l`, `clip_g`, `t5xxl`, `vae`, or `other` for tensors of no known
     /// component.

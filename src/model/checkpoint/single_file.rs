@@ -218,6 +218,13 @@ pub fn original_layout(present: &dyn Fn(&str) -> bool, num_layers: usize) -> Vec
     out
 }
 
+/// The block, stream and local name (parameter removed) of a tensor name
+/// `joint_blocks.N.STREAM.LOCAL.PARAM`.
+fn block_of(key: &str) -> Option<(usize, Stream, &str)> {
+    key.rsplit_once('.')
+        .and_then(|(base, _)| parse_block_key(base))
+}
+
 /// `joint_blocks.N.{x_block,context_block}.REST` as (N, stream, REST).
 fn parse_block_key(name: &str) -> Option<(usize, Stream, &str)> {
     let rest = name.strip_prefix("joint_blocks.")?;
@@ -347,9 +354,7 @@ pub(crate) fn read(
     let mut dual = Vec::new();
     let mut qk_norm = false;
     for t in &stored {
-        let Some((block, stream, local)) =
-            t.key.rsplit_once('.').and_then(|(b, _)| parse_block_key(b))
-        else {
+        let Some((block, stream, local)) = block_of(&t.key) else {
             continue;
         };
         streams.entry(block).or_default()[(stream == Stream::Context) as usize] = true;
@@ -393,7 +398,7 @@ pub(crate) fn read(
     let mut targets = Vec::with_capacity(stored.len());
     let mut block_shapes: BTreeMap<String, (usize, Vec<usize>)> = BTreeMap::new();
     for t in stored {
-        let block = t.key.rsplit_once('.').and_then(|(b, _)| parse_block_key(b));
+        let block = block_of(&t.key);
         let target = rename(&t.key, block.is_some_and(|(b, _, _)| Some(b) == pre_only))
             .ok_or_else(|| {
                 rule_error(SingleFileRule::UnknownTensor {
