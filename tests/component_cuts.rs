@@ -7,26 +7,14 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{fixture, rel_err};
+use common::{fixture, forward_on_fixture_inputs, rel_err};
 use hiprune::compress::{
     AnalyzeOptions, CompressOptions, PlanOptions, PlanTarget, WeightFormat, analyze_model,
     compress_checkpoint, make_plan,
 };
 use hiprune::format::ComponentCut;
-use hiprune::model::{BlockMask, Mmdit, MmditInputs, PruneSpec, TensorFile};
+use hiprune::model::{BlockMask, Mmdit, PruneSpec, TensorFile};
 use hiprune::{Error, Package};
-
-fn forward(model: &Mmdit, folder: &str) -> hiprune::model::Tensor {
-    let inputs = TensorFile::open(fixture(folder).join("inputs.safetensors")).unwrap();
-    model
-        .forward(&MmditInputs {
-            hidden_states: inputs.get("hidden_states").unwrap(),
-            encoder_hidden_states: inputs.get("encoder_hidden_states").unwrap(),
-            pooled_projections: inputs.get("pooled_projections").unwrap(),
-            timestep: inputs.get("timestep").unwrap(),
-        })
-        .unwrap()
-}
 
 fn mask(names: &[&str]) -> BlockMask {
     let mut m = BlockMask::default();
@@ -72,7 +60,10 @@ fn packages_with_component_cuts_match_diffusers() {
         let model = Mmdit::load(&hpk).unwrap();
         assert_eq!(model.prune_spec().mask(block), mask(&[component]));
         let want = TensorFile::open(fixture(folder).join("outputs.safetensors")).unwrap();
-        let err = rel_err(&forward(&model, folder), want.get(output).unwrap());
+        let err = rel_err(
+            &forward_on_fixture_inputs(&model, folder),
+            want.get(output).unwrap(),
+        );
         eprintln!("{folder} package without {block}.{component}: {err:.3e}");
         assert!(err <= 1e-4, "{folder}/{output}: {err:.3e}");
     }

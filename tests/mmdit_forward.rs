@@ -3,28 +3,16 @@
 
 mod common;
 
-use common::{fixture, rel_err};
+use common::{fixture, forward_on_fixture_inputs, rel_err};
 
 use hiprune::model::{Mmdit, MmditInputs, PruneSpec, Tensor, TensorFile};
 
 const TOL: f32 = 1e-4;
 
-fn run(model: &Mmdit, folder: &str) -> Tensor {
-    let inputs = TensorFile::open(fixture(folder).join("inputs.safetensors")).unwrap();
-    model
-        .forward(&MmditInputs {
-            hidden_states: inputs.get("hidden_states").unwrap(),
-            encoder_hidden_states: inputs.get("encoder_hidden_states").unwrap(),
-            pooled_projections: inputs.get("pooled_projections").unwrap(),
-            timestep: inputs.get("timestep").unwrap(),
-        })
-        .unwrap()
-}
-
 fn check(folder: &str, spec: PruneSpec, output: &str) {
     let mut model = Mmdit::load(fixture(folder)).unwrap();
     model.set_prune(spec).unwrap();
-    let got = run(&model, folder);
+    let got = forward_on_fixture_inputs(&model, folder);
     let outputs = TensorFile::open(fixture(folder).join("outputs.safetensors")).unwrap();
     let want = outputs.get(output).unwrap();
     let err = rel_err(&got, want);
@@ -92,13 +80,13 @@ fn removed_norm1_matches_diffusers() {
 #[test]
 fn removal_changes_the_output() {
     let model = Mmdit::load(fixture("sd35")).unwrap();
-    let full = run(&model, "sd35");
+    let full = forward_on_fixture_inputs(&model, "sd35");
     for comp in ["norm1_context", "attn", "ff"] {
         let mut m = Mmdit::load(fixture("sd35")).unwrap();
         let mut spec = PruneSpec::none();
         spec.remove_component(1, comp).unwrap();
         m.set_prune(spec).unwrap();
-        let out = run(&m, "sd35");
+        let out = forward_on_fixture_inputs(&m, "sd35");
         assert!(
             rel_err(&out, &full) > 1e-3,
             "removing {comp} changed nothing"
@@ -110,7 +98,7 @@ fn removal_changes_the_output() {
 fn batch_items_are_independent() {
     // Running item 1 alone gives the same result as inside the batch of 2.
     let model = Mmdit::load(fixture("mmditx")).unwrap();
-    let full = run(&model, "mmditx");
+    let full = forward_on_fixture_inputs(&model, "mmditx");
     let inputs = TensorFile::open(fixture("mmditx").join("inputs.safetensors")).unwrap();
     let item = |t: &Tensor| {
         let per = t.data.len() / t.shape[0];

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::{fixture, rel_err};
+use common::{fixture, forward_on_fixture_inputs, rel_err};
 use half::bf16;
 use hiprune::Error;
 use hiprune::Package;
@@ -40,25 +40,16 @@ fn open(name: &str) -> Checkpoint {
     Checkpoint::open(single(name), &head8()).unwrap()
 }
 
-fn run(model: &Mmdit, folder: &str) -> Tensor {
-    let inputs = TensorFile::open(fixture(folder).join("inputs.safetensors")).unwrap();
-    model
-        .forward(&MmditInputs {
-            hidden_states: inputs.get("hidden_states").unwrap(),
-            encoder_hidden_states: inputs.get("encoder_hidden_states").unwrap(),
-            pooled_projections: inputs.get("pooled_projections").unwrap(),
-            timestep: inputs.get("timestep").unwrap(),
-        })
-        .unwrap()
-}
-
 fn reference(folder: &str, output: &str) -> Tensor {
     let outputs = TensorFile::open(fixture(folder).join("outputs.safetensors")).unwrap();
     outputs.get(output).unwrap().clone()
 }
 
 fn check(model: &Mmdit, folder: &str, output: &str, what: &str) {
-    let err = rel_err(&run(model, folder), &reference(folder, output));
+    let err = rel_err(
+        &forward_on_fixture_inputs(model, folder),
+        &reference(folder, output),
+    );
     eprintln!("{what} vs {folder}/{output}: {err:.3e}");
     assert!(err <= TOL, "{what}: relative error {err:.3e} > {TOL:e}");
 }
@@ -252,8 +243,8 @@ fn e4m3_round(v: f32) -> f32 {
 
 #[test]
 fn bf16_and_fp8_single_files_read_exactly() {
-    let want = run(&rounded_sd3(|v| bf16::from_f32(v).to_f32()), "sd3");
-    let got = run(&model_of("sd3_bf16.safetensors"), "sd3");
+    let want = forward_on_fixture_inputs(&rounded_sd3(|v| bf16::from_f32(v).to_f32()), "sd3");
+    let got = forward_on_fixture_inputs(&model_of("sd3_bf16.safetensors"), "sd3");
     let err = rel_err(&got, &want);
     eprintln!("bf16 single file vs the same weights in memory: {err:.3e}");
     assert!(err <= 1e-5, "{err:.3e}");
@@ -261,8 +252,8 @@ fn bf16_and_fp8_single_files_read_exactly() {
     eprintln!("bf16 single file vs the f32 diffusers reference: {vs_f32:.3e}");
     assert!(vs_f32 < 5e-2, "{vs_f32:.3e}");
 
-    let want = run(&rounded_sd3(e4m3_round), "sd3");
-    let got = run(&model_of("sd3_fp8.safetensors"), "sd3");
+    let want = forward_on_fixture_inputs(&rounded_sd3(e4m3_round), "sd3");
+    let got = forward_on_fixture_inputs(&model_of("sd3_fp8.safetensors"), "sd3");
     let err = rel_err(&got, &want);
     eprintln!("fp8 e4m3 single file vs the same weights in memory: {err:.3e}");
     assert!(err <= 1e-5, "{err:.3e}");

@@ -21,6 +21,20 @@ pub fn fixture(name: &str) -> PathBuf {
     root.join(name)
 }
 
+/// The CPU forward of `model` on the fixture folder's `inputs.safetensors`.
+pub fn forward_on_fixture_inputs(model: &hiprune::model::Mmdit, folder: &str) -> Tensor {
+    let inputs =
+        hiprune::model::TensorFile::open(fixture(folder).join("inputs.safetensors")).unwrap();
+    model
+        .forward(&hiprune::model::MmditInputs {
+            hidden_states: inputs.get("hidden_states").unwrap(),
+            encoder_hidden_states: inputs.get("encoder_hidden_states").unwrap(),
+            pooled_projections: inputs.get("pooled_projections").unwrap(),
+            timestep: inputs.get("timestep").unwrap(),
+        })
+        .unwrap()
+}
+
 /// max|a - b| / max|b|, for tensors of the same shape and a non-zero reference.
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.shape, b.shape);
