@@ -157,6 +157,32 @@ int32_t hp_launch_attention_f16(const uint16_t *q, const uint16_t *k, const uint
                                 uint16_t *out, int32_t batch, int32_t seq, int32_t heads,
                                 int32_t head_dim, int32_t row_stride, float scale, void *stream);
 
+/* ---- VAE image ops (channels-last f16 images: [batch * height * width, channels]) ---- */
+
+/**
+ * The im2col rows of output pixels first .. first + rows of a "same", stride-1
+ * convolution with an odd kernel x kernel kernel: cols is [rows, channels * kernel^2],
+ * column (c * kernel + ky) * kernel + kx (PyTorch's weight order) holding the input at
+ * the pixel shifted by (ky, kx) - kernel / 2, zero outside the image.
+ */
+int32_t hp_launch_im2col_f16(const uint16_t *x, uint16_t *cols, int32_t batch, int32_t height,
+                             int32_t width, int32_t channels, int32_t kernel, int64_t first,
+                             int64_t rows, void *stream);
+
+/**
+ * GroupNorm of batch items of pixels x channels: each item's channels in groups groups,
+ * normalised over the item's pixels (f32 two-pass statistics), then * weight[c] + bias[c],
+ * then SiLU when silu != 0. x and y must not overlap.
+ */
+int32_t hp_launch_group_norm_f16(const uint16_t *x, const uint16_t *weight, const uint16_t *bias,
+                                 uint16_t *y, int32_t batch, int64_t pixels, int32_t channels,
+                                 int32_t groups, float eps, int32_t silu, void *stream);
+
+/** y[(b, oy, ox), c] = x[(b, oy / 2, ox / 2), c]: nearest 2x upsampling into a 4x larger y. */
+int32_t hp_launch_upsample_nearest2x_f16(const uint16_t *x, uint16_t *y, int32_t batch,
+                                         int32_t height, int32_t width, int32_t channels,
+                                         void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -37,6 +37,7 @@ mod ffi;
 pub mod format;
 mod io;
 pub mod model;
+pub mod pipeline;
 pub mod quant;
 
 pub use error::{Error, Result};

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hiprune::Error;
 use hiprune::backend::{
-    Activation, Backend, CpuBackend, CpuLinear, CpuTensor, Device, LinearLayer, LinearSource,
-    Modulation,
+    Activation, Backend, CpuBackend, CpuLinear, CpuTensor, Device, GroupNorm, ImageShape,
+    LinearLayer, LinearSource, Modulation,
 };
 use hiprune::model::{Mmdit, MmditInputs, PruneSpec, Tensor, TensorFile};
 use hiprune::quant::{DenseData, LinearWeights};
@@ -511,6 +511,27 @@ impl Backend for Counting {
         index: usize,
     ) -> hiprune::Result<CpuTensor> {
         self.inner.column_chunk(x, chunks, index)
+    }
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuLinear,
+        image: ImageShape,
+        kernel: usize,
+    ) -> hiprune::Result<CpuTensor> {
+        self.inner.conv2d(x, w, image, kernel)
+    }
+    fn group_norm(
+        &self,
+        x: &CpuTensor,
+        batch: usize,
+        norm: GroupNorm<'_, CpuTensor>,
+        silu: bool,
+    ) -> hiprune::Result<CpuTensor> {
+        self.inner.group_norm(x, batch, norm, silu)
+    }
+    fn upsample_nearest2x(&self, x: &CpuTensor, image: ImageShape) -> hiprune::Result<CpuTensor> {
+        self.inner.upsample_nearest2x(x, image)
     }
 }
 

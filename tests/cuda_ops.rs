@@ -27,7 +27,8 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use hiprune::backend::cuda::{CudaBackend, CudaLinear, CudaTensorF16};
 use hiprune::backend::{
-    Activation, Backend, CpuBackend, CpuTensor, Device, LinearLayer, LinearSource, Modulation,
+    Activation, Backend, CpuBackend, CpuTensor, Device, GroupNorm, ImageShape, LinearLayer,
+    LinearSource, Modulation,
 };
 use hiprune::quant::{DenseData, LinearWeights};
 use hiprune::quant::{Q4Kind, Q4Matrix};
@@ -525,6 +526,83 @@ fn attention_matches_cpu() {
     assert_err("rows not split by batch", p.gpu.attention(&b, &b, &c, 4, 2));
     assert_err("heads not dividing", p.gpu.attention(&b, &b, &c, 1, 3));
     assert_err("zero heads", p.gpu.attention(&b, &b, &c, 1, 0));
+}
+
+#[test]
+fn image_ops_match_cpu() {
+    let Some(p) = pair() else { return };
+    let mut rng = common::seeded_rng("image_ops_match_cpu");
+    // (batch, height, width, in channels, out channels, kernel)
+    for (batch, height, width, cin, cout, kernel) in [
+        (1, 1, 1, 3, 5, 3),
+        (2, 7, 5, 16, 32, 3),
+        (1, 9, 4, 32, 8, 1),
+        (1, 33, 17, 8, 3, 3),
+    ] {
+        let image = ImageShape {
+            batch,
+            height,
+            width,
+        };
+        let pixels = batch * height * width;
+        let k = cin * kernel * kernel;
+        let x = values(&mut rng, pixels * cin, 2.0);
+        let w = values(&mut rng, cout * k, 0.5);
+        let bias = values(&mut rng, cout, 0.5);
+        let (cx, gx) = p.up(&x, pixels, cin);
+        let cl = p.cpu.upload_dense(&w, cout, k, Some(&bias)).unwrap();
+        let gl = p.gpu.upload_dense(&w, cout, k, Some(&bias)).unwrap();
+        let want = p.cpu.conv2d(&cx, &cl, image, kernel).unwrap();
+        let got = p.gpu.conv2d(&gx, &gl, image, kernel).unwrap();
+        let what = format!("conv2d {image} {cin}->{cout} k{kernel}");
+        compare(&what, &p.down(&got), want.data(), TOL_REDUCE);
+
+        let up_want = p.cpu.upsample_nearest2x(&cx, image).unwrap();
+        let up_got = p.gpu.upsample_nearest2x(&gx, image).unwrap();
+        compare("upsample", &p.down(&up_got), up_want.data(), 0.0);
+
+        let groups = if cin % 4 == 0 { 4 } else { 1 };
+        let weight = values(&mut rng, cin, 1.0);
+        let shift = values(&mut rng, cin, 1.0);
+        let (cw, gw) = p.up(&weight, 1, cin);
+        let (cb, gb) = p.up(&shift, 1, cin);
+        for silu in [false, true] {
+            let cn = GroupNorm {
+                groups,
+                weight: &cw,
+                bias: &cb,
+                eps: 1e-6,
+            };
+            let gn = GroupNorm {
+                groups,
+                weight: &gw,
+                bias: &gb,
+                eps: 1e-6,
+            };
+            let want = p.cpu.group_norm(&cx, batch, cn, silu).unwrap();
+            let got = p.gpu.group_norm(&gx, batch, gn, silu).unwrap();
+            compare(
+                &format!("group_norm {image} {cin} channels, {groups} groups, silu {silu}"),
+                &p.down(&got),
+                want.data(),
+                TOL_REDUCE,
+            );
+        }
+    }
+    let (_, gx) = p.up(&values(&mut rng, 4 * 3, 1.0), 4, 3);
+    let gl = p.gpu.upload_dense(&[0.0; 4 * 27], 4, 27, None).unwrap();
+    let square = ImageShape {
+        batch: 1,
+        height: 2,
+        width: 2,
+    };
+    assert_err("even kernel", p.gpu.conv2d(&gx, &gl, square, 2));
+    let tall = ImageShape {
+        height: 3,
+        ..square
+    };
+    assert_err("rows not the image", p.gpu.conv2d(&gx, &gl, tall, 3));
+    assert_err("upsample rows", p.gpu.upsample_nearest2x(&gx, tall));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //!
 //! - The top-level modules form layers, and a module names only modules of lower
 //!   layers (or itself): `error` < `io` < `config`, `quant` < `format`, `backend` <
-//!   `model` < `compress`, `ffi`. So `format` and `quant` know nothing of backends,
+//!   `model` < `compress`, `pipeline`, `ffi`. So `format` and `quant` know nothing of backends,
 //!   backends nothing of models, and nothing in the library names the CLI.
 //! - Outside `src/backend/cpu/`, the library names `backend::cpu` only in
 //!   `src/backend/mod.rs` (which re-exports the CPU backend's types).
@@ -23,6 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("backend", 3),
     ("model", 4),
     ("compress", 5),
+    ("pipeline", 5),
     ("ffi", 5),
 ];
 

@@ -21,7 +21,9 @@
 //! - [`Backend::silu`], [`Backend::gelu_tanh`];
 //! - [`Backend::attention`] on the joint sequence, with [`Backend::concat_tokens`] /
 //!   [`Backend::split_tokens`] to join and split the image and context tokens;
-//! - [`Backend::column_chunk`] to cut a modulation `[batch, n * d]` into its chunks.
+//! - [`Backend::column_chunk`] to cut a modulation `[batch, n * d]` into its chunks;
+//! - the VAE decoder's image ops on channels-last images ([`ImageShape`]):
+//!   [`Backend::conv2d`], [`Backend::group_norm`], [`Backend::upsample_nearest2x`].
 //!
 //! Host-side steps of the model (they run once per forward on data that starts or
 //! ends on the host, so a device gains nothing from them): the sinusoidal timestep
@@ -159,6 +161,71 @@ impl<T> Clone for Modulation<'_, T> {
 
 impl<T> Copy for Modulation<'_, T> {}
 
+/// The geometry of an image activation: `batch` items of `height x width` pixels,
+/// stored channels-last as a `[batch * height * width, channels]` matrix (one row per
+/// pixel, pixels row-major within an item).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageShape {
+    /// Batch items.
+    pub batch: usize,
+    /// Pixel rows per item.
+    pub height: usize,
+    /// Pixel columns per item.
+    pub width: usize,
+}
+
+impl ImageShape {
+    /// Pixels in all items (the rows of the activation); an error on overflow.
+    pub fn pixels(self) -> Result<usize> {
+        self.batch
+            .checked_mul(self.height)
+            .and_then(|n| n.checked_mul(self.width))
+            .ok_or_else(|| Error::invalid("image shape", format!("{self} overflows")))
+    }
+
+    /// The shape after 2x upsampling; an error on overflow.
+    pub fn upsampled2x(self) -> Result<ImageShape> {
+        let up = ImageShape {
+            batch: self.batch,
+            height: self.height.saturating_mul(2),
+            width: self.width.saturating_mul(2),
+        };
+        up.pixels()?;
+        Ok(up)
+    }
+}
+
+impl std::fmt::Display for ImageShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} x {} x {} pixels",
+            self.batch, self.height, self.width
+        )
+    }
+}
+
+/// The parameters of [`Backend::group_norm`]: `weight` and `bias` are `[1, channels]`.
+#[derive(Debug)]
+pub struct GroupNorm<'a, T> {
+    /// Channel groups (they divide the channels).
+    pub groups: usize,
+    /// Per-channel scale.
+    pub weight: &'a T,
+    /// Per-channel shift.
+    pub bias: &'a T,
+    /// Added to the variance inside the square root.
+    pub eps: f32,
+}
+
+impl<T> Clone for GroupNorm<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for GroupNorm<'_, T> {}
+
 /// A compute backend: activations, uploaded weights and the ops of the MMDiT forward.
 ///
 /// Per-item arguments (`shift`, `scale`, `gate`) have one row per batch item; the rows
@@ -270,4 +337,30 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized {
     /// Chunk `index` of `chunks` equal column blocks of `x [rows, chunks * d]`, as
     /// `[rows, d]`.
     fn column_chunk(&self, x: &Self::Tensor, chunks: usize, index: usize) -> Result<Self::Tensor>;
+
+    /// A stride-1, zero-padded ("same") convolution with an odd `kernel x kernel`
+    /// kernel of the channels-last image `x` (`[image.pixels(), in]`): `w` is the
+    /// `[out, in * kernel * kernel]` weight (PyTorch's `[out, in, kh, kw]` flattened)
+    /// with its bias; the result is `[image.pixels(), out]`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Linear,
+        image: ImageShape,
+        kernel: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// GroupNorm of the channels-last activation `x` of `batch` items (each item's
+    /// channels in `norm.groups` groups, normalised over the item's pixels; biased
+    /// variance), then `* weight + bias` per channel, then SiLU when `silu`.
+    fn group_norm(
+        &self,
+        x: &Self::Tensor,
+        batch: usize,
+        norm: GroupNorm<'_, Self::Tensor>,
+        silu: bool,
+    ) -> Result<Self::Tensor>;
+
+    /// Nearest-neighbour 2x upsampling of the channels-last image `x`.
+    fn upsample_nearest2x(&self, x: &Self::Tensor, image: ImageShape) -> Result<Self::Tensor>;
 }

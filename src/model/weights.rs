@@ -415,8 +415,36 @@ impl Weights {
         }
     }
 
+    /// The shape tensor `name` is stored with (a 4-bit layer's `[n, k]`).
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(match self.entry(name)? {
+            Entry::Mapped { shape, .. } | Entry::Owned(_, shape) => shape.clone(),
+            Entry::F32(t) => t.shape.clone(),
+            Entry::Q4(q) => vec![q.n, q.k],
+            Entry::Computed(..) => {
+                return Err(Error::MissingTensor {
+                    tensor: name.to_string(),
+                });
+            }
+            Entry::Packaged => {
+                let p = self.package().ok_or_else(|| Error::MissingTensor {
+                    tensor: name.to_string(),
+                })?;
+                match name.strip_suffix(".weight").and_then(|l| p.layer(l).ok()) {
+                    Some(l) if l.precision.q4().is_some() => {
+                        let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+                        vec![to_usize(l.out_features), to_usize(l.in_features)]
+                    }
+                    _ => p.tensor(name)?.shape().to_vec(),
+                }
+            }
+        })
+    }
+
     /// The linear layer `layer` (its `<layer>.weight`) as a `[n, k]` view, checked
-    /// against the expected shape.
+    /// against the expected shape. A 2-D convolution kernel `[n, c, kh, kw]` with `c *
+    /// kh * kw == k` is accepted too, as its im2col matrix (see
+    /// [`Backend::conv2d`](crate::backend::Backend::conv2d)).
     pub fn linear(&self, layer: &str, n: usize, k: usize) -> Result<LinearWeights<'_>> {
         let name = format!("{layer}.weight");
         let mismatch = |found: Vec<usize>| Error::ShapeMismatch {
@@ -432,7 +460,7 @@ impl Weights {
                 dtype,
                 shape,
             } => {
-                if shape.as_slice() != [n, k] {
+                if !is_matrix_of(shape, n, k) {
                     return Err(mismatch(shape.clone()));
                 }
                 let bytes = self.mapped_bytes(*file, *start, *end);
@@ -440,13 +468,13 @@ impl Weights {
                 LinearWeights::dense(data, n, k)?
             }
             Entry::F32(t) => {
-                if t.shape.as_slice() != [n, k] {
+                if !is_matrix_of(&t.shape, n, k) {
                     return Err(mismatch(t.shape.clone()));
                 }
                 LinearWeights::dense(DenseData::F32(&t.data), n, k)?
             }
             Entry::Owned(data, shape) => {
-                if shape.as_slice() != [n, k] {
+                if !is_matrix_of(shape, n, k) {
                     return Err(mismatch(shape.clone()));
                 }
                 LinearWeights::dense(data.view(), n, k)?
@@ -461,7 +489,7 @@ impl Weights {
                     Some(prec) if prec.q4().is_some() => LinearWeights::Q4(p.q4_layer(layer)?),
                     _ => {
                         let view = p.tensor(&name)?;
-                        if view.shape() != [n, k] {
+                        if !is_matrix_of(view.shape(), n, k) {
                             return Err(mismatch(view.shape().to_vec()));
                         }
                         LinearWeights::dense(dense_from_view(&name, &view)?, n, k)?
@@ -697,6 +725,18 @@ impl PosTable<'_> {
                 Ok(out)
             }
         }
+    }
+}
+
+/// Whether a stored shape is the `[n, k]` matrix of a layer: `[n, k]` itself, or a
+/// convolution kernel `[n, c, kh, kw]` flattened to `[n, c * kh * kw]`.
+fn is_matrix_of(shape: &[usize], n: usize, k: usize) -> bool {
+    match shape {
+        [rows, cols] => *rows == n && *cols == k,
+        [rows, c, kh, kw] => {
+            *rows == n && c.checked_mul(*kh).and_then(|v| v.checked_mul(*kw)) == Some(k)
+        }
+        _ => false,
     }
 }
 

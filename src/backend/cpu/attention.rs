@@ -5,6 +5,9 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+/// Queries handed to one rayon task.
+const QUERIES_PER_TASK: usize = 64;
+
 /// Shape of one attention call: `batch` items of `seq` tokens, `heads` heads of
 /// `head_dim` channels; q, k, v and the output are `[batch, seq, heads * head_dim]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,15 +59,31 @@ pub fn attention(
         }
         t
     };
-    let results: Vec<Vec<f32>> = (0..batch * heads)
+    // Keys and values per (item, head), gathered once; tasks are (item, head, block of
+    // queries), so one long sequence (the VAE's single-head attention) still spreads
+    // over every thread.
+    let keys_values: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * heads)
         .into_par_iter()
         .map(|bh| {
+            (
+                gather(k, bh / heads, bh % heads),
+                gather(v, bh / heads, bh % heads),
+            )
+        })
+        .collect();
+    let blocks = seq.div_ceil(QUERIES_PER_TASK);
+    let results: Vec<Vec<f32>> = (0..batch * heads * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (bh, block) = (task / blocks, task % blocks);
             let (b, h) = (bh / heads, bh % heads);
-            let (qh, kh, vh) = (gather(q, b, h), gather(k, b, h), gather(v, b, h));
-            let mut res = vec![0.0f32; seq * head_dim];
+            let (kh, vh) = &keys_values[bh];
+            let queries = block * QUERIES_PER_TASK..((block + 1) * QUERIES_PER_TASK).min(seq);
+            let mut res = vec![0.0f32; queries.len() * head_dim];
             let mut p = vec![0.0f32; seq];
-            for i in 0..seq {
-                let qi = &qh[i * head_dim..(i + 1) * head_dim];
+            for (qi_index, i) in queries.enumerate() {
+                let o = (b * seq + i) * d + h * head_dim;
+                let qi = &q[o..o + head_dim];
                 let mut max = f32::NEG_INFINITY;
                 for (j, pj) in p.iter_mut().enumerate() {
                     let kj = &kh[j * head_dim..(j + 1) * head_dim];
@@ -78,7 +97,7 @@ pub fn attention(
                     sum += *pj;
                 }
                 let inv = 1.0 / sum;
-                let ri = &mut res[i * head_dim..(i + 1) * head_dim];
+                let ri = &mut res[qi_index * head_dim..(qi_index + 1) * head_dim];
                 for (j, &pj) in p.iter().enumerate() {
                     let w = pj * inv;
                     let vj = &vh[j * head_dim..(j + 1) * head_dim];
@@ -90,11 +109,15 @@ pub fn attention(
             res
         })
         .collect();
-    for (bh, res) in results.iter().enumerate() {
+    for (task, res) in results.iter().enumerate() {
+        let (bh, block) = (task / blocks, task % blocks);
         let (b, h) = (bh / heads, bh % heads);
-        for i in 0..seq {
+        for (r, i) in (block * QUERIES_PER_TASK..seq)
+            .take(QUERIES_PER_TASK)
+            .enumerate()
+        {
             let o = (b * seq + i) * d + h * head_dim;
-            out[o..o + head_dim].copy_from_slice(&res[i * head_dim..(i + 1) * head_dim]);
+            out[o..o + head_dim].copy_from_slice(&res[r * head_dim..(r + 1) * head_dim]);
         }
     }
     Ok(())

@@ -5,9 +5,12 @@
 use std::sync::Arc;
 
 use super::attention::{AttentionShape, attention};
+use super::image;
 use super::linear::linear;
 use super::ops;
-use crate::backend::{Activation, Backend, Device, LinearLayer, LinearSource, Modulation};
+use crate::backend::{
+    Activation, Backend, Device, GroupNorm, ImageShape, LinearLayer, LinearSource, Modulation,
+};
 use crate::error::{Error, Result};
 use crate::quant::{DenseData, LinearWeights};
 
@@ -405,5 +408,76 @@ impl Backend for CpuBackend {
             out.extend_from_slice(&x.data[(r * chunks + index) * d..][..d]);
         }
         CpuTensor::from_vec(out, x.rows, d)
+    }
+
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuLinear,
+        image: ImageShape,
+        kernel: usize,
+    ) -> Result<CpuTensor> {
+        let pixels = image.pixels()?;
+        if x.rows != pixels {
+            return Err(Error::length(
+                format!("conv2d input rows ({image})"),
+                pixels,
+                x.rows,
+            ));
+        }
+        let len = pixels
+            .checked_mul(w.n)
+            .ok_or_else(|| Error::invalid("conv2d output", "pixels x N overflows"))?;
+        let mut y = vec![0.0f32; len];
+        image::conv2d(
+            &x.data,
+            image,
+            kernel,
+            &w.view()?,
+            w.bias.as_deref(),
+            &mut y,
+        )?;
+        CpuTensor::from_vec(y, pixels, w.n)
+    }
+
+    fn group_norm(
+        &self,
+        x: &CpuTensor,
+        batch: usize,
+        norm: GroupNorm<'_, CpuTensor>,
+        silu: bool,
+    ) -> Result<CpuTensor> {
+        for (name, t) in [("weight", norm.weight), ("bias", norm.bias)] {
+            if t.rows != 1 || t.cols != x.cols {
+                return Err(Error::invalid(
+                    format!("group_norm {name}"),
+                    format!("[{}, {}] is not [1, {}]", t.rows, t.cols, x.cols),
+                ));
+            }
+        }
+        let mut out = vec![0.0f32; x.data.len()];
+        image::group_norm(
+            &x.data,
+            batch,
+            x.cols,
+            norm.groups,
+            &norm.weight.data,
+            &norm.bias.data,
+            norm.eps,
+            silu,
+            &mut out,
+        )?;
+        CpuTensor::from_vec(out, x.rows, x.cols)
+    }
+
+    fn upsample_nearest2x(&self, x: &CpuTensor, image: ImageShape) -> Result<CpuTensor> {
+        let up = image.upsampled2x()?;
+        let len = up
+            .pixels()?
+            .checked_mul(x.cols)
+            .ok_or_else(|| Error::invalid("upsample output", "pixels x channels overflows"))?;
+        let mut out = vec![0.0f32; len];
+        image::upsample_nearest2x(&x.data, image, x.cols, &mut out)?;
+        CpuTensor::from_vec(out, up.pixels()?, x.cols)
     }
 }

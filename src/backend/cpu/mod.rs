@@ -6,6 +6,7 @@ pub mod attention;
 pub mod backend;
 mod check;
 pub mod gemv;
+pub mod image;
 pub mod int8;
 pub mod linear;
 pub mod membw;

@@ -13,7 +13,9 @@ use half::f16;
 use super::device::{CudaDevice, CudaTensorF16};
 use super::launch::{self, sys};
 use super::linear::{CudaDenseLinear, CudaQ4Linear};
-use crate::backend::{Activation, Backend, Device, LinearLayer, LinearSource, Modulation};
+use crate::backend::{
+    Activation, Backend, Device, GroupNorm, ImageShape, LinearLayer, LinearSource, Modulation,
+};
 use crate::error::{Error, Result};
 use crate::quant::Q4Weights;
 use crate::quant::{DenseData, LinearWeights};
@@ -71,6 +73,10 @@ impl Activation for CudaTensorF16 {
 }
 
 /// `value` as the launchers' `int32`.
+/// Upper bound on the elements of one im2col band of [`Backend::conv2d`] (64 MiB of
+/// f16).
+const IM2COL_BAND_ELEMENTS: usize = 32 << 20;
+
 fn dim32(value: usize, what: &str) -> Result<i32> {
     i32::try_from(value).map_err(|_| {
         Error::invalid(
@@ -832,5 +838,209 @@ impl Backend for CudaBackend {
         let mut out = self.fresh(x.rows(), d)?;
         self.copy_2d(&mut out, 0, d, x, index * d, x.cols(), x.rows(), d)?;
         Ok(out)
+    }
+
+    fn conv2d(
+        &self,
+        x: &CudaTensorF16,
+        w: &CudaLinear,
+        image: ImageShape,
+        kernel: usize,
+    ) -> Result<CudaTensorF16> {
+        self.mine(x, "conv2d input")?;
+        if kernel == 0 || kernel.is_multiple_of(2) || kernel > 15 {
+            return Err(Error::invalid(
+                "conv2d kernel",
+                format!("{kernel} x {kernel} is not an odd square kernel of at most 15"),
+            ));
+        }
+        let taps = kernel * kernel;
+        let k = w.k();
+        if !k.is_multiple_of(taps) || x.cols() != k / taps {
+            return Err(Error::invalid(
+                "conv2d weight",
+                format!(
+                    "K = {k} is not the input's {} channels x {kernel} x {kernel}",
+                    x.cols()
+                ),
+            ));
+        }
+        let pixels = image.pixels()?;
+        if x.rows() != pixels {
+            return Err(Error::length(
+                format!("conv2d input rows ({image})"),
+                pixels,
+                x.rows(),
+            ));
+        }
+        if kernel == 1 {
+            return self.linear(x, w);
+        }
+        let (batch, height, width) = (
+            dim32(image.batch, "conv2d batch")?,
+            dim32(image.height, "conv2d height")?,
+            dim32(image.width, "conv2d width")?,
+        );
+        let channels = dim32(x.cols(), "conv2d channels")?;
+        let band = (IM2COL_BAND_ELEMENTS / k).max(1).min(pixels);
+        let n = w.n();
+        let mut out = None;
+        let mut first = 0;
+        while first < pixels {
+            let rows = band.min(pixels - first);
+            let mut cols = self.fresh(rows, k)?;
+            self.device.bind()?;
+            let status = {
+                let stream = self.device.stream();
+                let (xp, _x) = x.buffer().slice().device_ptr(stream);
+                let (cp, _c) = cols.buffer_mut().slice_mut().device_ptr_mut(stream);
+                // SAFETY: x is a live allocation of this context holding pixels * channels
+                // f16 (checked above: rows == batch * height * width, cols == channels);
+                // cols holds rows * channels * kernel^2 f16, exactly what the launcher
+                // writes for output pixels first .. first + rows <= pixels. Enqueued on
+                // this context's stream.
+                unsafe {
+                    sys::hp_launch_im2col_f16(
+                        xp as *const u16,
+                        cp as *mut u16,
+                        batch,
+                        height,
+                        width,
+                        channels,
+                        kernel as i32,
+                        first as i64,
+                        rows as i64,
+                        self.raw_stream(),
+                    )
+                }
+            };
+            launch::check_status("hp_launch_im2col_f16", status, || {
+                format!("{image}, {channels} channels, kernel {kernel}, rows {first}+{rows}")
+            })?;
+            let y = self.linear(&cols, w)?;
+            if rows == pixels {
+                return Ok(y);
+            }
+            let dst = match &mut out {
+                Some(dst) => dst,
+                None => out.insert(self.fresh(pixels, n)?),
+            };
+            self.copy_2d(dst, first * n, n, &y, 0, n, rows, n)?;
+            first += rows;
+        }
+        out.ok_or_else(|| Error::invalid("conv2d input", "no pixels"))
+    }
+
+    fn group_norm(
+        &self,
+        x: &CudaTensorF16,
+        batch: usize,
+        norm: GroupNorm<'_, CudaTensorF16>,
+        silu: bool,
+    ) -> Result<CudaTensorF16> {
+        self.mine(x, "group_norm input")?;
+        for (name, t) in [("weight", norm.weight), ("bias", norm.bias)] {
+            self.mine(t, &format!("group_norm {name}"))?;
+            if t.rows() != 1 || t.cols() != x.cols() {
+                return Err(Error::invalid(
+                    format!("group_norm {name}"),
+                    format!("[{}, {}] is not [1, {}]", t.rows(), t.cols(), x.cols()),
+                ));
+            }
+        }
+        if norm.groups == 0 || !x.cols().is_multiple_of(norm.groups) {
+            return Err(Error::invalid(
+                "group_norm groups",
+                format!("{} groups do not divide {} channels", norm.groups, x.cols()),
+            ));
+        }
+        if !norm.eps.is_finite() || norm.eps < 0.0 {
+            return Err(Error::invalid(
+                "group_norm eps",
+                format!("{} is not a finite value >= 0", norm.eps),
+            ));
+        }
+        let pixels = rows_per_item("group_norm input", x.rows(), batch)?;
+        let mut y = self.fresh(x.rows(), x.cols())?;
+        if pixels == 0 {
+            return Ok(y);
+        }
+        let batch32 = dim32(batch, "group_norm batch")?;
+        let channels = dim32(x.cols(), "group_norm channels")?;
+        let groups = dim32(norm.groups, "group_norm groups")?;
+        self.device.bind()?;
+        let status = {
+            let stream = self.device.stream();
+            let (xp, _x) = x.buffer().slice().device_ptr(stream);
+            let (wp, _w) = norm.weight.buffer().slice().device_ptr(stream);
+            let (bp, _b) = norm.bias.buffer().slice().device_ptr(stream);
+            let (yp, _y) = y.buffer_mut().slice_mut().device_ptr_mut(stream);
+            // SAFETY: x and y are distinct live allocations of this context of batch *
+            // pixels * channels f16; weight and bias hold channels f16 each (checked
+            // above). Enqueued on this context's stream.
+            unsafe {
+                sys::hp_launch_group_norm_f16(
+                    xp as *const u16,
+                    wp as *const u16,
+                    bp as *const u16,
+                    yp as *mut u16,
+                    batch32,
+                    pixels as i64,
+                    channels,
+                    groups,
+                    norm.eps,
+                    i32::from(silu),
+                    self.raw_stream(),
+                )
+            }
+        };
+        launch::check_status("hp_launch_group_norm_f16", status, || {
+            format!("batch {batch}, {pixels} pixels, {channels} channels, {groups} groups")
+        })?;
+        Ok(y)
+    }
+
+    fn upsample_nearest2x(&self, x: &CudaTensorF16, image: ImageShape) -> Result<CudaTensorF16> {
+        self.mine(x, "upsample input")?;
+        let pixels = image.pixels()?;
+        if x.rows() != pixels {
+            return Err(Error::length(
+                format!("upsample input rows ({image})"),
+                pixels,
+                x.rows(),
+            ));
+        }
+        let up = image.upsampled2x()?;
+        let mut y = self.fresh(up.pixels()?, x.cols())?;
+        let (batch, height, width) = (
+            dim32(image.batch, "upsample batch")?,
+            dim32(image.height, "upsample height")?,
+            dim32(image.width, "upsample width")?,
+        );
+        let channels = dim32(x.cols(), "upsample channels")?;
+        self.device.bind()?;
+        let status = {
+            let stream = self.device.stream();
+            let (xp, _x) = x.buffer().slice().device_ptr(stream);
+            let (yp, _y) = y.buffer_mut().slice_mut().device_ptr_mut(stream);
+            // SAFETY: x is a live allocation of this context of pixels * channels f16 and
+            // y one of 4 * pixels * channels f16, the launcher's whole range. Enqueued on
+            // this context's stream.
+            unsafe {
+                sys::hp_launch_upsample_nearest2x_f16(
+                    xp as *const u16,
+                    yp as *mut u16,
+                    batch,
+                    height,
+                    width,
+                    channels,
+                    self.raw_stream(),
+                )
+            }
+        };
+        launch::check_status("hp_launch_upsample_nearest2x_f16", status, || {
+            format!("{image}, {channels} channels")
+        })?;
+        Ok(y)
     }
 }

@@ -194,3 +194,43 @@ unsafe extern "C" {
         stream: *mut ::std::os::raw::c_void,
     ) -> i32;
 }
+unsafe extern "C" {
+    pub fn hp_launch_im2col_f16(
+        x: *const u16,
+        cols: *mut u16,
+        batch: i32,
+        height: i32,
+        width: i32,
+        channels: i32,
+        kernel: i32,
+        first: i64,
+        rows: i64,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_group_norm_f16(
+        x: *const u16,
+        weight: *const u16,
+        bias: *const u16,
+        y: *mut u16,
+        batch: i32,
+        pixels: i64,
+        channels: i32,
+        groups: i32,
+        eps: f32,
+        silu: i32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}
+unsafe extern "C" {
+    pub fn hp_launch_upsample_nearest2x_f16(
+        x: *const u16,
+        y: *mut u16,
+        batch: i32,
+        height: i32,
+        width: i32,
+        channels: i32,
+        stream: *mut ::std::os::raw::c_void,
+    ) -> i32;
+}

@@ -17,6 +17,14 @@ pub enum BackendChoice {
     Cuda,
 }
 
+/// The device a `--backend` choice names.
+pub fn device_of(backend: BackendChoice) -> Device {
+    match backend {
+        BackendChoice::Cpu => Device::Cpu,
+        BackendChoice::Cuda => Device::Cuda(0),
+    }
+}
+
 /// Model options shared by `forward` and `sample`.
 #[derive(Args)]
 pub struct ModelArgs {
@@ -36,10 +44,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The device `--backend` names.
     pub fn device(&self) -> Device {
-        match self.backend {
-            BackendChoice::Cpu => Device::Cpu,
-            BackendChoice::Cuda => Device::Cuda(0),
-        }
+        device_of(self.backend)
     }
 
     /// Loads the model on [`ModelArgs::device`] with the extra removed blocks. A build

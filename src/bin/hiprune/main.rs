@@ -3,6 +3,7 @@
 mod bench;
 #[cfg(feature = "compress")]
 mod compress;
+mod decode;
 #[cfg(feature = "compress")]
 mod demo;
 mod forward;
@@ -65,6 +66,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Sample a latent with the flow-matching Euler loop.
     Sample(sample::SampleArgs),
+    /// Decode latents (what `sample` writes) to PNG through a VAE.
+    Decode(decode::DecodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Analyze(args) => compress::run_analyze(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Sample(args) => sample::run(&args),
+        Command::Decode(args) => decode::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
