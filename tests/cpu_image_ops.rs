@@ -154,6 +154,7 @@ fn conv2d_refuses_mismatched_shapes() {
     assert!(err.to_string().contains("conv2d"), "{err}");
 }
 
+#[allow(clippy::too_many_arguments)]
 fn group_norm_reference(
     x: &[f32],
     batch: usize,

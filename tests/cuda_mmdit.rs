@@ -30,7 +30,8 @@ use common::{fixture, rel_err};
 use half::f16;
 use hiprune::backend::cuda::CudaBackend;
 use hiprune::backend::{
-    Backend, CpuBackend, CpuLinear, CpuTensor, Device, LinearSource, Modulation,
+    Backend, CpuBackend, CpuLinear, CpuTensor, Device, GroupNorm, ImageShape, LinearSource,
+    Modulation,
 };
 use hiprune::format::{PackageInfo, Precision};
 use hiprune::model::layout::{Required, required_tensors};
@@ -444,6 +445,28 @@ impl Backend for F16Storage {
     }
     fn column_chunk(&self, x: &CpuTensor, chunks: usize, index: usize) -> Result<CpuTensor> {
         self.0.column_chunk(x, chunks, index)
+    }
+    // The MMDiT does not use the image ops: they forward unrounded.
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuLinear,
+        image: ImageShape,
+        kernel: usize,
+    ) -> Result<CpuTensor> {
+        self.0.conv2d(x, w, image, kernel)
+    }
+    fn group_norm(
+        &self,
+        x: &CpuTensor,
+        batch: usize,
+        norm: GroupNorm<'_, CpuTensor>,
+        silu: bool,
+    ) -> Result<CpuTensor> {
+        self.0.group_norm(x, batch, norm, silu)
+    }
+    fn upsample_nearest2x(&self, x: &CpuTensor, image: ImageShape) -> Result<CpuTensor> {
+        self.0.upsample_nearest2x(x, image)
     }
 }
 
