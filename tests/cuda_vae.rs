@@ -4,26 +4,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use hiprune::backend::Device;
 use hiprune::backend::cuda::CudaBackend;
-use hiprune::model::TensorFile;
-use hiprune::pipeline::{Tiling, VaeDecoder};
+use hiprune::pipeline::VaeDecoder;
 
-use common::rel_err;
-
-fn vae_fixture(name: &str) -> PathBuf {
-    common::fixture("../vae").join(name)
-}
-
-fn reference(name: &str) -> TensorFile {
-    TensorFile::open(vae_fixture(name).join("reference.safetensors")).unwrap()
-}
-
-const FIXTURE_TILES: Tiling = Tiling {
-    latent_tile: 4,
-    overlap: 0.25,
+use common::{
+    VAE_FIXTURE_TILES as FIXTURE_TILES, rel_err, vae_fixture, vae_reference as reference,
 };
 
 /// The CUDA decoder against diffusers: f16 activations with f32 accumulation, so the

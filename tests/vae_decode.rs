@@ -4,31 +4,17 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use hiprune::backend::{CpuBackend, Device};
-use hiprune::model::{Tensor, TensorFile};
+use hiprune::model::Tensor;
 use hiprune::pipeline::{ImageMetadata, RgbImage, Tiling, VaeDecoder};
 
-use common::rel_err;
-
-fn vae_fixture(name: &str) -> PathBuf {
-    common::fixture("../vae").join(name)
-}
+use common::{
+    VAE_FIXTURE_TILES as FIXTURE_TILES, rel_err, vae_fixture, vae_reference as reference,
+};
 
 fn load(name: &str) -> VaeDecoder<CpuBackend> {
     VaeDecoder::load(vae_fixture(name).join("vae"), Device::Cpu).unwrap()
 }
-
-fn reference(name: &str) -> TensorFile {
-    TensorFile::open(vae_fixture(name).join("reference.safetensors")).unwrap()
-}
-
-/// The fixtures' tiling: 4-pixel latent tiles, overlap 0.25.
-const FIXTURE_TILES: Tiling = Tiling {
-    latent_tile: 4,
-    overlap: 0.25,
-};
 
 #[test]
 fn decode_matches_diffusers_whole_and_tiled() {

@@ -21,6 +21,23 @@ pub fn fixture(name: &str) -> PathBuf {
     root.join(name)
 }
 
+/// A folder under `tests/fixtures/vae` (the VAE decoder fixtures).
+pub fn vae_fixture(name: &str) -> PathBuf {
+    fixture("../vae").join(name)
+}
+
+/// The diffusers reference outputs of VAE fixture `name`.
+pub fn vae_reference(name: &str) -> hiprune::model::TensorFile {
+    hiprune::model::TensorFile::open(vae_fixture(name).join("reference.safetensors")).unwrap()
+}
+
+/// The tiling the VAE fixtures' `image_tiled` was made with: 4-pixel latent tiles,
+/// overlap 0.25.
+pub const VAE_FIXTURE_TILES: hiprune::pipeline::Tiling = hiprune::pipeline::Tiling {
+    latent_tile: 4,
+    overlap: 0.25,
+};
+
 /// The CPU forward of `model` on the fixture folder's `inputs.safetensors`.
 pub fn forward_on_fixture_inputs(model: &hiprune::model::Mmdit, folder: &str) -> Tensor {
     let inputs =
